@@ -1,0 +1,46 @@
+"""fasthess: fast exact and estimated Hessian diagonals of neural-network losses.
+
+Example:
+    >>> import torch, fasthess
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x = torch.randn(8, 3)
+    >>> res = fasthess.diag(model, lambda: model(x).pow(2).mean(), method="exact")
+    >>> res["weight"].diagonal().shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import stats
+from .api import diag
+from .autodiff_safe import autodiff_safe
+from .errors import (
+    BackendUnavailableError,
+    FasthessError,
+    LayerNotFoundError,
+    LossError,
+    MemoryRiskError,
+    NonFiniteCurvatureError,
+    TrainingModeError,
+)
+from .layers import default_parameters, resolve_parameters
+from .result import DiagResult, LayerDiag
+
+__all__ = [
+    "BackendUnavailableError",
+    "DiagResult",
+    "FasthessError",
+    "LayerDiag",
+    "LayerNotFoundError",
+    "LossError",
+    "MemoryRiskError",
+    "NonFiniteCurvatureError",
+    "TrainingModeError",
+    "autodiff_safe",
+    "default_parameters",
+    "diag",
+    "resolve_parameters",
+    "stats",
+]

@@ -1,0 +1,237 @@
+"""``fasthess.diag``: Hessian diagonals of a loss, per layer."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .autodiff_safe import autodiff_safe
+from .engines import Engine, get_engine
+from .errors import MemoryRiskError, NonFiniteCurvatureError
+from .kernels.hutchinson import hutchinson_update_
+from .layers import LayerSpec, resolve_parameters
+from .objective import Objective, auto_chunk_size, check_training_mode, describe_environment
+from .result import DiagResult, LayerDiag
+from .sampling import generator_for, probes, sample_indices
+
+LossArg = Union[Callable[[], Tensor], Sequence[Callable[[], Tensor]]]
+METHODS = ("sampled", "hutchinson", "exact")
+
+__all__ = ["diag"]
+
+
+def diag(
+    model: nn.Module,
+    loss: LossArg,
+    layers: LayerSpec | Iterable[LayerSpec] | None = None,
+    *,
+    method: str = "sampled",
+    num_samples: int = 200,
+    num_probes: int = 100,
+    seed: int = 0,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    probe: str = "rademacher",
+    max_exact_entries: int = 100_000,
+    memory_budget: int | None = None,
+    allow_training_mode: bool = False,
+    on_nonfinite: str = "raise",
+    backend: str = "auto",
+    progress: bool = False,
+) -> DiagResult:
+    """Hessian diagonal of ``loss`` with respect to the parameters of ``layers``.
+
+    Args:
+        model: the network; its parameters are read, never changed.
+        loss: a zero-argument callable that runs ``model`` and returns a scalar
+            tensor (like an optimizer closure), or a sequence of them
+            (micro-batches) whose mean is the loss.
+        layers: names, glob patterns, modules, parameters or module types
+            (see :func:`fasthess.layers.resolve_parameters`). Default: every
+            linear and attention-projection weight.
+        method: ``"sampled"`` — exact ``H_ii`` at ``num_samples`` coordinates per
+            parameter, drawn uniformly without replacement (the paper's
+            statistic); ``"hutchinson"`` — unbiased estimate of the whole
+            diagonal from ``num_probes`` Hessian-vector products, with per-entry
+            standard errors; ``"exact"`` — every ``H_ii``.
+        num_samples: coordinates per parameter tensor for ``"sampled"``.
+        num_probes: probe vectors for ``"hutchinson"`` (shared by all layers).
+        seed: fixes coordinates and probes (same seed, same numbers).
+        engine: ``"auto"``, ``"fwd_fwd"`` (nested forward mode, no backward
+            pass), ``"fwd_rev"`` (vmapped forward-over-reverse HVPs) or
+            ``"double_backward"`` (the reference loop).
+        chunk_size: tangents per batched pass; ``None`` sizes it to
+            ``memory_budget``.
+        dtype: compute in this dtype (e.g. ``torch.float64``); parameters,
+            buffers and floating model inputs are cast, the model is unchanged.
+        probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
+        max_exact_entries: refuse ``method="exact"`` above this many entries in
+            total (each costs about one forward pass); raise it to go bigger.
+        memory_budget: bytes a batched pass may use (default: half of free memory).
+        allow_training_mode: measure even with dropout / batch norm in training
+            mode (the loss is then random or uses batch statistics).
+        on_nonfinite: ``"raise"`` on NaN/Inf entries, or ``"keep"`` them (recorded
+            in ``meta["nonfinite"]``).
+        backend: kernel backend for the Hutchinson accumulation (``"auto"``,
+            ``"cpp"``, ``"torch"``).
+        progress: print one line per layer / probe chunk to stderr.
+
+    Returns:
+        :class:`DiagResult` mapping parameter name to :class:`LayerDiag`, with
+        ``meta`` (method, engine, backend, seed, counts, seconds, versions).
+
+    Raises:
+        LayerNotFoundError, LossError, TrainingModeError, MemoryRiskError,
+        NonFiniteCurvatureError, BackendUnavailableError: each with the fix.
+
+    Example:
+        >>> import torch, fasthess
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> res = fasthess.diag(model, lambda: torch.nn.functional.cross_entropy(model(x), y), num_samples=10)
+        >>> sorted(res.layers), res["0.weight"].values.shape
+        (['0.weight', '2.weight'], torch.Size([10]))
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if on_nonfinite not in ("raise", "keep"):
+        raise ValueError("on_nonfinite must be 'raise' or 'keep'")
+    if method == "sampled" and num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    if method == "hutchinson" and num_probes < 2:
+        raise ValueError("num_probes must be >= 2 to give a standard error")
+    closures = list(loss) if isinstance(loss, (list, tuple)) else [loss]
+    if not allow_training_mode:
+        check_training_mode(model)
+    params = resolve_parameters(model, layers)
+    eng = get_engine(engine, method)
+
+    start = time.perf_counter()
+    with autodiff_safe(allow_dropout=allow_training_mode):
+        objective = Objective(model, closures, params, dtype=dtype)
+        probe_info = objective.validate()
+        device = objective.primals[0].device
+        if method == "exact":
+            total = sum(p.numel() for p in objective.primals)
+            if total > max_exact_entries:
+                raise MemoryRiskError(
+                    f"method='exact' needs {total} diagonal entries (each about one forward pass); the limit "
+                    f"is max_exact_entries={max_exact_entries}. Select fewer layers, use method='sampled', "
+                    "or raise max_exact_entries."
+                )
+        sizes = [p.numel() if method == "exact" else min(p.numel(), num_samples) for p in objective.primals]
+        per_pass = num_probes if method == "hutchinson" else max(sizes)
+        chunk = chunk_size or auto_chunk_size(probe_info, per_pass, eng.bytes_per_tangent, device, memory_budget)
+        log = _Progress(progress)
+        if method == "hutchinson":
+            layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
+        else:
+            layer_results = _entries(objective, eng, method, num_samples, seed, chunk, log)
+            used_backend = "torch"
+    seconds = time.perf_counter() - start
+
+    nonfinite = {n: r.nonfinite() for n, r in layer_results.items() if r.nonfinite()}
+    if nonfinite and on_nonfinite == "raise":
+        listing = ", ".join(f"{n} ({c} entries)" for n, c in nonfinite.items())
+        raise NonFiniteCurvatureError(
+            f"NaN/Inf Hessian entries in {listing}. The loss may overflow at this point (try dtype=torch.float64) "
+            "or the model has a non-differentiable op; pass on_nonfinite='keep' to inspect them."
+        )
+    meta = {
+        "method": method,
+        "engine": eng.name,
+        "backend": used_backend,
+        "seed": seed,
+        "num_samples": num_samples if method == "sampled" else None,
+        "num_probes": num_probes if method == "hutchinson" else None,
+        "probe": probe if method == "hutchinson" else None,
+        "num_closures": len(closures),
+        "chunk_size": chunk,
+        "dtype": str(objective.primals[0].dtype),
+        "loss": probe_info.loss,
+        "gradient_seconds": probe_info.gradient_seconds,
+        "seconds": seconds,
+        "nonfinite": nonfinite,
+        **describe_environment(),
+    }
+    return DiagResult(layer_results, meta)
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(f"[fasthess {time.perf_counter() - self.start:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def _entries(
+    objective: Objective, eng: Engine, method: str, num_samples: int, seed: int, chunk: int, log: _Progress
+) -> dict[str, LayerDiag]:
+    out: dict[str, LayerDiag] = {}
+    for pos, (name, p) in enumerate(zip(objective.names, objective.primals)):
+        if method == "sampled":
+            idx = sample_indices(p.numel(), num_samples, seed, name).to(p.device)
+        else:
+            idx = torch.arange(p.numel(), device=p.device)
+        total = torch.zeros(idx.numel(), dtype=torch.float64, device=p.device)
+        for c in range(len(objective)):
+            total += eng.diagonal_entries(objective.of(c, pos), p, idx, chunk).detach().to(torch.float64)
+        values = (total / len(objective)).cpu()
+        out[name] = LayerDiag(
+            name=name,
+            shape=tuple(p.shape),
+            method=method,
+            values=values,
+            indices=idx.cpu() if method == "sampled" else None,
+        )
+        log(f"{name}: {idx.numel()} entries")
+    return out
+
+
+def _hutchinson(
+    objective: Objective,
+    eng: Engine,
+    num_probes: int,
+    distribution: str,
+    seed: int,
+    chunk: int,
+    backend: str,
+    log: _Progress,
+) -> tuple[dict[str, LayerDiag], str]:
+    primals = objective.primals
+    means = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in primals]
+    m2s = [torch.zeros_like(m) for m in means]
+    generator = generator_for(seed, "hutchinson")
+    used = backend
+    done = 0
+    while done < num_probes:
+        k = min(chunk, num_probes - done)
+        zs = [probes(tuple(p.shape), k, distribution, generator).to(p) for p in primals]
+        hzs = [torch.zeros_like(z) for z in zs]
+        for c in range(len(objective)):
+            for acc, block in zip(hzs, eng.hvp(objective.of_all(c), primals, zs, chunk)):
+                acc += block.detach()
+        for mean, m2, z, hz in zip(means, m2s, zs, hzs):
+            used = hutchinson_update_(
+                mean, m2, z.reshape(k, -1), hz.reshape(k, -1) / len(objective), done, backend=backend
+            )
+        done += k
+        log(f"hutchinson: {done}/{num_probes} probes")
+    out = {}
+    for name, p, mean, m2 in zip(objective.names, primals, means, m2s):
+        stderr = (m2 / (num_probes - 1) / num_probes).sqrt()
+        out[name] = LayerDiag(
+            name=name, shape=tuple(p.shape), method="hutchinson", values=mean.cpu(), stderr=stderr.cpu()
+        )
+    return out, used

@@ -1,0 +1,272 @@
+"""Make an unmodified model give correct higher-order derivatives under torch 2.13.
+
+Some fused kernels have no (or a wrong) higher-order derivative rule, and they fail
+in ways that range from an error to a silently wrong number:
+
+* ``F.layer_norm`` / ``F.batch_norm`` / ``F.group_norm``: nested forward AD
+  (``jvp(jvp)``) through the fused kernel gives wrong second derivatives with
+  respect to the input.
+* ``F.scaled_dot_product_attention``: the CPU flash kernel has neither a
+  forward-AD rule nor a double backward.
+* ``F.mse_loss``: forward-over-reverse raises on an immutable ZeroTensor.
+* ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path: a fused
+  kernel with no forward-AD rule.
+
+:func:`autodiff_safe` swaps these for plain-op decompositions, whose derivative
+rules of every order are right, for the duration of a ``with`` block. The swap is
+done on the ``torch.nn.functional`` module attributes, which is where ``nn``
+modules, ``F.multi_head_attention_forward`` and HF ``transformers`` look them up
+at call time. Code that bound one of these functions to a local name before the
+block starts keeps the original; the dense-Hessian tests exist to catch that.
+
+The same hook refuses functional dropout that is active (``training=True``,
+``p > 0``), since it would make the loss a random function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import TrainingModeError
+
+__all__ = ["autodiff_safe", "layer_norm", "scaled_dot_product_attention"]
+
+
+def _normalize(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
+    mean = x.mean(dim=tuple(dims), keepdim=True)
+    centered = x - mean
+    var = (centered * centered).mean(dim=tuple(dims), keepdim=True)
+    return centered * torch.rsqrt(var + eps)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Decomposed ``F.layer_norm`` (same signature, correct derivatives of any order)."""
+    n = len(normalized_shape)
+    out = _normalize(input, range(input.dim() - n, input.dim()), eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Decomposed ``F.rms_norm``."""
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    out = input * torch.rsqrt((input * input).mean(dim=dims, keepdim=True) + eps)
+    return out * weight if weight is not None else out
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Decomposed ``F.batch_norm``.
+
+    In training mode it normalises with batch statistics but, unlike the fused
+    kernel, never updates the running statistics: a curvature measurement must
+    not change the model.
+    """
+    shape = _channel_shape(input)
+    if training or running_mean is None or running_var is None:
+        dims = [0] + list(range(2, input.dim()))
+        out = _normalize(input, dims, eps)
+    else:
+        out = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Decomposed ``F.group_norm``."""
+    n, c = input.shape[:2]
+    grouped = input.reshape(n, num_groups, -1)
+    out = _normalize(grouped, [2], eps).reshape(input.shape)
+    shape = _channel_shape(input)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Math-path ``F.scaled_dot_product_attention`` built from matmul and softmax.
+
+    Shapes: query ``(..., L, E)``, key ``(..., S, E)``, value ``(..., S, Ev)``;
+    returns ``(..., L, Ev)``. A boolean mask marks positions that take part.
+    """
+    if dropout_p > 0.0:
+        raise TrainingModeError(
+            f"scaled_dot_product_attention was called with dropout_p={dropout_p}: the loss "
+            "would be random. Call model.eval() before measuring curvature."
+        )
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+def mse_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: Any = None,
+    reduce: Any = None,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Decomposed ``F.mse_loss``."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    diff = input - target
+    sq = diff * diff
+    if weight is not None:
+        sq = sq * weight
+    if reduction == "mean":
+        return sq.mean()
+    if reduction == "sum":
+        return sq.sum()
+    return sq
+
+
+class _Patcher:
+    """Reference-counted, thread-safe swap of ``torch.nn.functional`` attributes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._allow_dropout = 0
+        self._saved: dict[str, Any] = {}
+        self._saved_fastpath = True
+
+    def _dropout_guard(self, name: str) -> Any:
+        original = getattr(F, name)
+
+        def guarded(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+            if training and p > 0.0 and not self._allow_dropout:
+                raise TrainingModeError(
+                    f"F.{name}(p={p}, training=True) ran inside the loss: the Hessian of a "
+                    "random function is not defined. Call model.eval() first, or pass "
+                    "allow_training_mode=True to measure it anyway."
+                )
+            return original(input, p, training, inplace)
+
+        return guarded
+
+    def replacements(self) -> dict[str, Any]:
+        return {
+            "layer_norm": layer_norm,
+            "rms_norm": rms_norm,
+            "batch_norm": batch_norm,
+            "group_norm": group_norm,
+            "scaled_dot_product_attention": scaled_dot_product_attention,
+            "mse_loss": mse_loss,
+            "dropout": self._dropout_guard("dropout"),
+            "dropout1d": self._dropout_guard("dropout1d"),
+            "dropout2d": self._dropout_guard("dropout2d"),
+            "dropout3d": self._dropout_guard("dropout3d"),
+        }
+
+    @contextlib.contextmanager
+    def __call__(self, allow_dropout: bool = False) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                new = self.replacements()
+                self._saved = {name: getattr(F, name) for name in new}
+                for name, fn in new.items():
+                    setattr(F, name, fn)
+                self._saved_fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            self._depth += 1
+            self._allow_dropout += int(allow_dropout)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._allow_dropout -= int(allow_dropout)
+                self._depth -= 1
+                if self._depth == 0:
+                    for name, fn in self._saved.items():
+                        setattr(F, name, fn)
+                    torch.backends.mha.set_fastpath_enabled(self._saved_fastpath)
+
+
+_patcher = _Patcher()
+
+
+def autodiff_safe(allow_dropout: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Context in which fused kernels with broken higher-order AD are decomposed.
+
+    Args:
+        allow_dropout: let active dropout run (the loss becomes random).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = torch.randn(3, 4)
+        >>> with autodiff_safe():
+        ...     y = F.layer_norm(x, (4,))
+        >>> torch.allclose(y, torch.nn.functional.layer_norm(x, (4,)), atol=1e-6)
+        True
+    """
+    return _patcher(allow_dropout=allow_dropout)

@@ -1,0 +1,67 @@
+"""The interface every second-order engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from torch import Tensor
+
+ScalarFn = Callable[[Tensor], Tensor]
+MultiFn = Callable[..., Tensor]
+
+
+class Engine:
+    """Computes exact Hessian diagonal entries and Hessian-vector products.
+
+    Subclasses fill in :meth:`diagonal_entries` (sampled / exact methods) and,
+    where they can, :meth:`hvp` (Hutchinson). ``bytes_per_tangent`` is the memory
+    of one batched tangent in units of one forward pass's saved activations, used
+    to size chunks automatically.
+    """
+
+    name: ClassVar[str] = "base"
+    supports_hvp: ClassVar[bool] = True
+    bytes_per_tangent: ClassVar[float] = 3.0
+
+    def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
+        """Exact ``H[i, i]`` of ``f`` at ``p`` for flat ``indices``.
+
+        Args:
+            f: scalar function of one tensor.
+            p: point, any shape ``S``.
+            indices: ``(k,)`` int64 flat indices into ``p``.
+            chunk_size: tangents per batched pass.
+
+        Returns:
+            ``(k,)`` tensor of second derivatives ``d²f/dp_i²``.
+        """
+        raise NotImplementedError
+
+    def hvp(
+        self, f: MultiFn, primals: Sequence[Tensor], tangents: Sequence[Tensor], chunk_size: int
+    ) -> tuple[Tensor, ...]:
+        """Batched Hessian-vector products of ``f(*primals)``.
+
+        Args:
+            f: scalar function of ``len(primals)`` tensors.
+            primals: the point.
+            tangents: one ``(k, *primal.shape)`` batch per primal (the same k).
+            chunk_size: tangents per batched pass.
+
+        Returns:
+            ``(k, *primal.shape)`` blocks of ``H v`` for each primal.
+        """
+        raise NotImplementedError(f"engine {self.name!r} cannot compute Hessian-vector products")
+
+
+def one_hot_tangents(p: Tensor, indices: Tensor) -> Tensor:
+    """``(k, *p.shape)`` batch with a single 1 at each flat index."""
+    t = p.new_zeros((indices.numel(), p.numel()))
+    t[range(indices.numel()), indices] = 1
+    return t.view(indices.numel(), *p.shape)
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    size = max(1, int(size))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]

@@ -1,0 +1,64 @@
+"""Backend registry shared by every kernel family."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackendUnavailableError
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    """Whether the compiled ``fasthess._C`` extension imported (it registers ``torch.ops.fasthess``)."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class KernelFamily:
+    """Implementations of one op by backend, in order of preference for ``"auto"``.
+
+    Each entry maps a backend name to ``(is_available, implementation)``.
+    """
+
+    name: str
+    backends: dict[str, tuple[Callable[[], bool], Callable[..., Any]]] = field(default_factory=dict)
+
+    def register(self, backend: str, available: Callable[[], bool]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.backends[backend] = (available, fn)
+            return fn
+
+        return wrap
+
+    def available(self) -> list[str]:
+        return [b for b, (ok, _) in self.backends.items() if ok()]
+
+    def select(self, backend: str = "auto") -> tuple[str, Callable[..., Any]]:
+        """``(backend name, implementation)``.
+
+        Raises:
+            BackendUnavailableError: an explicit backend is unknown or unavailable here.
+        """
+        if backend == "auto":
+            for name, (ok, fn) in self.backends.items():
+                if ok():
+                    return name, fn
+            raise BackendUnavailableError(f"no backend of {self.name} is available")  # torch always is
+        if backend not in self.backends:
+            raise BackendUnavailableError(
+                f"{self.name} has no backend {backend!r}; known: {sorted(self.backends)}"
+            )
+        ok, fn = self.backends[backend]
+        if not ok():
+            raise BackendUnavailableError(
+                f"backend {backend!r} of {self.name} is not available here (available: {self.available()}). "
+                "The 'cpp' backend needs the compiled extension: pip install -e . --no-build-isolation"
+            )
+        return backend, fn

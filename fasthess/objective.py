@@ -1,0 +1,244 @@
+"""The loss as a pure function of the selected parameters.
+
+The user hands fasthess a model and a zero-argument closure that runs it (like an
+optimizer closure). :class:`Objective` turns that into ``f(params) -> scalar`` via
+``torch.func.functional_call``, so torch.func transforms and plain autograd see
+the same function, validates it once, and measures what a gradient costs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import LossError, MemoryRiskError, TrainingModeError
+
+LossClosure = Callable[[], Tensor]
+
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+class _ClosureModule(nn.Module):
+    """Holds the model as a submodule so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, model: nn.Module, closure: LossClosure) -> None:
+        super().__init__()
+        self.model = model
+        self._closure = closure
+
+    def forward(self) -> Tensor:
+        return self._closure()
+
+
+def check_training_mode(model: nn.Module) -> None:
+    """Refuse modules whose training mode makes the loss random or stateful.
+
+    Raises:
+        TrainingModeError: listing the offending modules and the fix.
+    """
+    offenders = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, _DROPOUT_TYPES) and m.p > 0:
+            offenders.append(f"{name or '<root>'} ({type(m).__name__}, p={m.p})")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            offenders.append(f"{name or '<root>'} ({type(m).__name__} in training mode)")
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            offenders.append(f"{name or '<root>'} (MultiheadAttention, dropout={m.dropout})")
+    if offenders:
+        shown = ", ".join(offenders[:5]) + (f" and {len(offenders) - 5} more" if len(offenders) > 5 else "")
+        raise TrainingModeError(
+            f"modules in training mode would make the loss random or change the model: {shown}. "
+            "Call model.eval() before fasthess.diag, or pass allow_training_mode=True to measure "
+            "the Hessian of the training-mode loss anyway (batch norm then uses batch statistics "
+            "without updating its running statistics)."
+        )
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free bytes, or MemAvailable on the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+@dataclass
+class Probe:
+    """What one validated evaluation of the loss told us."""
+
+    loss: float
+    saved_bytes: int
+    gradient_seconds: float
+
+
+class Objective:
+    """``f(params) = mean_c closure_c()`` as a function of the selected parameters.
+
+    Args:
+        model: the network.
+        closures: one or more zero-argument callables running ``model``; the
+            objective is their mean (micro-batches of one large batch).
+        params: ``{name: parameter}`` to differentiate with respect to.
+        dtype: if set, parameters, buffers and floating inputs of ``model`` are
+            cast to it for the computation (the model itself is not changed).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        closures: Sequence[LossClosure],
+        params: dict[str, nn.Parameter],
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not closures:
+            raise LossError("loss= is an empty sequence; pass a callable or a non-empty list of callables")
+        for c in closures:
+            if not callable(c):
+                raise LossError(
+                    f"loss= must be a zero-argument callable returning a scalar tensor (got {type(c).__name__}); "
+                    "wrap the computation: loss=lambda: criterion(model(x), y)"
+                )
+        self.model = model
+        self.closures = list(closures)
+        self.names = list(params)
+        self.dtype = dtype
+        self._wrappers = [_ClosureModule(model, c) for c in self.closures]
+        self._fixed: dict[str, Tensor] = {}
+        if dtype is not None:
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if t.is_floating_point() and name not in params:
+                    self._fixed["model." + name] = t.detach().to(dtype)
+        self.primals = tuple(self._cast(p.detach()) for p in params.values())
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def _cast_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        cast = lambda x: self._cast(x) if isinstance(x, Tensor) else x  # noqa: E731
+        return torch.utils._pytree.tree_map(cast, args), torch.utils._pytree.tree_map(cast, kwargs)
+
+    def __len__(self) -> int:
+        return len(self.closures)
+
+    def __call__(self, index: int, values: Sequence[Tensor]) -> Tensor:
+        """Loss of closure ``index`` with the selected parameters set to ``values``."""
+        mapping = dict(self._fixed)
+        mapping.update({"model." + n: v for n, v in zip(self.names, values)})
+        handle = None
+        if self.dtype is not None:
+            handle = self.model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True)
+        try:
+            loss = functional_call(self._wrappers[index], mapping, ())
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not isinstance(loss, Tensor):
+            raise LossError(f"the loss closure returned {type(loss).__name__}, not a tensor")
+        if loss.dim() != 0:
+            raise LossError(
+                f"the loss closure returned a tensor of shape {tuple(loss.shape)}; the Hessian needs a "
+                "scalar. Reduce it, e.g. loss=lambda: criterion(model(x), y).mean()"
+            )
+        return loss
+
+    def of(self, index: int, position: int) -> Callable[[Tensor], Tensor]:
+        """Loss of closure ``index`` as a function of selected parameter ``position`` alone."""
+        rest = list(self.primals)
+
+        def f(p: Tensor) -> Tensor:
+            values = list(rest)
+            values[position] = p
+            return self(index, values)
+
+        return f
+
+    def of_all(self, index: int) -> Callable[..., Tensor]:
+        """Loss of closure ``index`` as a function of all selected parameters (positional)."""
+        return lambda *values: self(index, values)
+
+    def validate(self) -> Probe:
+        """Evaluate the first closure with a gradient; check the loss and measure memory.
+
+        Raises:
+            LossError: not a finite scalar, or independent of a selected parameter.
+        """
+        leaves = [p.detach().requires_grad_(True) for p in self.primals]
+        sizes: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            try:
+                key = t.untyped_storage().data_ptr()
+                sizes[key] = max(sizes.get(key, 0), t.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):
+                pass
+            return t
+
+        start = time.perf_counter()
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self(0, leaves)
+        if not loss.requires_grad:
+            raise LossError(
+                "the loss does not depend on any selected parameter (it has no grad_fn). Is the "
+                "closure computing the loss from this model, outside torch.no_grad()?"
+            )
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        seconds = time.perf_counter() - start
+        if not torch.isfinite(loss):
+            raise LossError(f"the loss is {loss.item()}: no curvature can be measured at a non-finite loss")
+        unused = [n for n, g in zip(self.names, grads) if g is None]
+        if unused:
+            raise LossError(
+                f"the loss does not depend on {', '.join(unused[:5])}; remove "
+                f"{'it' if len(unused) == 1 else 'them'} from layers= (frozen or unused parameters)"
+            )
+        return Probe(loss=float(loss.detach()), saved_bytes=sum(sizes.values()), gradient_seconds=seconds)
+
+
+def auto_chunk_size(
+    probe: Probe,
+    num_tangents: int,
+    bytes_per_tangent_factor: float,
+    device: torch.device,
+    memory_budget: int | None,
+) -> int:
+    """How many tangents to push through one batched pass without exceeding memory.
+
+    Each batched tangent costs about ``factor`` times the activation memory of one
+    forward pass (the tangent copies of the saved activations).
+
+    Raises:
+        MemoryRiskError: even a single tangent would not fit.
+    """
+    available = available_memory_bytes(device)
+    per_tangent = max(1, int(bytes_per_tangent_factor * max(probe.saved_bytes, 1)))
+    budget = memory_budget if memory_budget is not None else available // 2
+    if per_tangent > available:
+        raise MemoryRiskError(
+            f"one tangent needs about {per_tangent / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB "
+            "is free. Split the batch into micro-batches (loss=[closure_1, closure_2, ...]) or pass "
+            "a smaller batch."
+        )
+    return int(max(1, min(num_tangents, budget // per_tangent)))
+
+
+def describe_environment() -> dict[str, Any]:
+    """Versions worth recording next to every measurement."""
+    from . import __version__
+
+    return {"torch": torch.__version__, "fasthess": __version__, "cuda": torch.version.cuda}
