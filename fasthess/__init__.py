@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from . import stats
 from .api import diag
-from .autodiff_safe import autodiff_safe
+from .decompositions import autodiff_safe
 from .errors import (
     BackendUnavailableError,
     FasthessError,

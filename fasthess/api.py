@@ -10,14 +10,14 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from .autodiff_safe import autodiff_safe
+from .decompositions import autodiff_safe
 from .engines import Engine, get_engine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
 from .kernels.hutchinson import hutchinson_update_
 from .layers import LayerSpec, resolve_parameters
 from .objective import Objective, auto_chunk_size, check_training_mode, describe_environment
 from .result import DiagResult, LayerDiag
-from .sampling import generator_for, probes, sample_indices
+from .sampling import probes, sample_indices
 
 LossArg = Union[Callable[[], Tensor], Sequence[Callable[[], Tensor]]]
 METHODS = ("sampled", "hutchinson", "exact")
@@ -116,7 +116,7 @@ def diag(
 
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode):
-        objective = Objective(model, closures, params, dtype=dtype)
+        objective = Objective(model, closures, params, dtype=dtype, fresh_buffers=allow_training_mode)
         probe_info = objective.validate()
         device = objective.primals[0].device
         if method == "exact":
@@ -212,12 +212,11 @@ def _hutchinson(
     primals = objective.primals
     means = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in primals]
     m2s = [torch.zeros_like(m) for m in means]
-    generator = generator_for(seed, "hutchinson")
     used = backend
     done = 0
     while done < num_probes:
         k = min(chunk, num_probes - done)
-        zs = [probes(tuple(p.shape), k, distribution, generator).to(p) for p in primals]
+        zs = [z.to(p) for z, p in zip(probes([tuple(p.shape) for p in primals], done, k, distribution, seed), primals)]
         hzs = [torch.zeros_like(z) for z in zs]
         for c in range(len(objective)):
             for acc, block in zip(hzs, eng.hvp(objective.of_all(c), primals, zs, chunk)):

@@ -97,6 +97,10 @@ class Objective:
         params: ``{name: parameter}`` to differentiate with respect to.
         dtype: if set, parameters, buffers and floating inputs of ``model`` are
             cast to it for the computation (the model itself is not changed).
+        fresh_buffers: give every call its own copy of the model's buffers, so
+            modules that update them in training mode (batch norm's counters)
+            neither change the model nor trip torch.func's ban on mutating
+            captured tensors.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class Objective:
         closures: Sequence[LossClosure],
         params: dict[str, nn.Parameter],
         dtype: torch.dtype | None = None,
+        fresh_buffers: bool = False,
     ) -> None:
         if not closures:
             raise LossError("loss= is an empty sequence; pass a callable or a non-empty list of callables")
@@ -125,6 +130,9 @@ class Objective:
                 if t.is_floating_point() and name not in params:
                     self._fixed["model." + name] = t.detach().to(dtype)
         self.primals = tuple(self._cast(p.detach()) for p in params.values())
+        self._buffers = (
+            {"model." + n: self._fixed.get("model." + n, b) for n, b in model.named_buffers()} if fresh_buffers else {}
+        )
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
@@ -139,6 +147,7 @@ class Objective:
     def __call__(self, index: int, values: Sequence[Tensor]) -> Tensor:
         """Loss of closure ``index`` with the selected parameters set to ``values``."""
         mapping = dict(self._fixed)
+        mapping.update({n: b.clone() for n, b in self._buffers.items()})
         mapping.update({"model." + n: v for n, v in zip(self.names, values)})
         handle = None
         if self.dtype is not None:

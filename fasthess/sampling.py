@@ -8,6 +8,7 @@ layers were selected, on the device, or on the engine.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,15 +41,31 @@ def sample_indices(numel: int, num_samples: int, seed: int, name: str) -> Tensor
     return idx.sort().values
 
 
-def probes(shape: tuple[int, ...], count: int, distribution: str, generator: torch.Generator) -> Tensor:
-    """``(count, *shape)`` probe vectors with ``E[z zᵀ] = I``.
+def probes(
+    shapes: Sequence[tuple[int, ...]], start: int, count: int, distribution: str, seed: int
+) -> list[Tensor]:
+    """Probes number ``start .. start+count-1``: one ``(count, *shape)`` batch per shape.
+
+    Probe ``j`` comes from its own generator, so the numbers do not depend on how
+    probes are chunked, which engine runs them, or which process computes them.
+    Each probe has ``E[z zᵀ] = I``.
 
     Args:
         distribution: ``"rademacher"`` (±1, the minimum-variance choice for the
             diagonal) or ``"gaussian"`` (standard normal).
+
+    Example:
+        >>> a = probes([(2, 3)], 0, 4, "rademacher", seed=0)[0]
+        >>> torch.equal(a[2:], probes([(2, 3)], 2, 2, "rademacher", seed=0)[0])
+        True
     """
-    if distribution == "rademacher":
-        return torch.randint(0, 2, (count, *shape), generator=generator).mul_(2).sub_(1).to(torch.float32)
-    if distribution == "gaussian":
-        return torch.randn((count, *shape), generator=generator)
-    raise ValueError(f"unknown probe distribution {distribution!r}; use 'rademacher' or 'gaussian'")
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"unknown probe distribution {distribution!r}; use 'rademacher' or 'gaussian'")
+    per_probe = []
+    for j in range(start, start + count):
+        g = generator_for(seed, f"probe/{j}")
+        if distribution == "rademacher":
+            per_probe.append([torch.randint(0, 2, s, generator=g).mul_(2).sub_(1).float() for s in shapes])
+        else:
+            per_probe.append([torch.randn(s, generator=g) for s in shapes])
+    return [torch.stack([zs[i] for zs in per_probe]) for i in range(len(shapes))]
