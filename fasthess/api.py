@@ -112,7 +112,7 @@ def diag(
     if not allow_training_mode:
         check_training_mode(model)
     params = resolve_parameters(model, layers)
-    eng = get_engine(engine, method)
+    eng = get_engine(engine, method, next(iter(params.values())).device.type)
 
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode):

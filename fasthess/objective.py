@@ -219,6 +219,11 @@ class Objective:
         return Probe(loss=float(loss.detach()), saved_bytes=sum(sizes.values()), gradient_seconds=seconds)
 
 
+# Wider batches bought nothing in measurements (32 vs 200 tangents, same time)
+# while their allocations cost page faults; larger chunks remain available by hand.
+MAX_AUTO_CHUNK = 32
+
+
 def auto_chunk_size(
     probe: Probe,
     num_tangents: int,
@@ -243,7 +248,7 @@ def auto_chunk_size(
             "is free. Split the batch into micro-batches (loss=[closure_1, closure_2, ...]) or pass "
             "a smaller batch."
         )
-    return int(max(1, min(num_tangents, budget // per_tangent)))
+    return int(max(1, min(num_tangents, MAX_AUTO_CHUNK, budget // per_tangent)))
 
 
 def describe_environment() -> dict[str, Any]:

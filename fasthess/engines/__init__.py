@@ -17,14 +17,20 @@ ENGINES: dict[str, type[Engine]] = {
 __all__ = ["ENGINES", "Engine", "get_engine"]
 
 
-def get_engine(name: str, method: str) -> Engine:
+def get_engine(name: str, method: str, device_type: str = "cpu") -> Engine:
     """The engine called ``name`` for ``method``; ``"auto"`` chooses the fastest that applies.
+
+    On the CPU the plain double-backward loop is the fastest of these generic
+    engines (measured on the demo transformer, 3600 sampled entries:
+    double_backward 29 s, fwd_rev 66 s, fwd_fwd 86 s); batching tangents with
+    vmap pays off where wide matrix products are cheap, so ``"auto"`` takes
+    ``fwd_rev`` on a GPU.
 
     Raises:
         BackendUnavailableError: unknown engine, or one that cannot do ``method``.
     """
     if name == "auto":
-        name = "fwd_fwd" if method in ("sampled", "exact") else "fwd_rev"
+        name = "double_backward" if device_type == "cpu" else "fwd_rev"
     if name not in ENGINES:
         raise BackendUnavailableError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)} or 'auto'")
     engine = ENGINES[name]()

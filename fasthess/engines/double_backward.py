@@ -23,7 +23,7 @@ class DoubleBackwardEngine(Engine):
     """
 
     name = "double_backward"
-    bytes_per_tangent = 0.0  # one tangent at a time; the graph is built once
+    bytes_per_tangent = 2.0  # one tangent at a time, over the graph of the gradient
 
     def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
         with torch.enable_grad():

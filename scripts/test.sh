@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: set up the environment, then run the whole suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k hutchinson).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VPY=$(scripts/bootstrap.sh | tail -n 1)
+# CI builds the C++ extension: a build that silently failed must fail the tests.
+export FASTHESS_REQUIRE_EXT="${FASTHESS_REQUIRE_EXT:-1}"
+exec "$VPY" -m pytest -q --doctest-modules fasthess tests "$@"
