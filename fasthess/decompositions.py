@@ -82,6 +82,16 @@ def _channel_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+def _channel_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Per-channel (dim 1) scale and shift."""
+    shape = _channel_shape(x)
+    if weight is not None:
+        x = x * weight.view(shape)
+    if bias is not None:
+        x = x + bias.view(shape)
+    return x
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -104,11 +114,7 @@ def batch_norm(
         out = _normalize(input, dims, eps)
     else:
         out = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    return _channel_affine(out, weight, bias)
 
 
 def group_norm(
@@ -119,15 +125,8 @@ def group_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Decomposed ``F.group_norm``."""
-    n, c = input.shape[:2]
-    grouped = input.reshape(n, num_groups, -1)
-    out = _normalize(grouped, [2], eps).reshape(input.shape)
-    shape = _channel_shape(input)
-    if weight is not None:
-        out = out * weight.view(shape)
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    grouped = input.reshape(input.shape[0], num_groups, -1)
+    return _channel_affine(_normalize(grouped, [2], eps).reshape(input.shape), weight, bias)
 
 
 def scaled_dot_product_attention(

@@ -226,7 +226,7 @@ def full_hessian(case: Case, name: str) -> Tensor:
     p = dict(case.model.named_parameters())[name].detach()
     with fasthess.autodiff_safe():
         H = jacrev(jacrev(lambda w: _loss_with(case, name, w)))(p)
-    return H.reshape(p.numel(), p.numel())
+    return H.detach().reshape(p.numel(), p.numel())
 
 
 def _loss_with(case: Case, name: str, w: Tensor) -> Tensor:
