@@ -117,7 +117,7 @@ def diag(
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode):
         objective = Objective(model, closures, params, dtype=dtype, fresh_buffers=allow_training_mode)
-        probe_info = objective.validate()
+        loss_check = objective.validate()
         device = objective.primals[0].device
         if method == "exact":
             total = sum(p.numel() for p in objective.primals)
@@ -129,7 +129,7 @@ def diag(
                 )
         sizes = [p.numel() if method == "exact" else min(p.numel(), num_samples) for p in objective.primals]
         per_pass = num_probes if method == "hutchinson" else max(sizes)
-        chunk = chunk_size or auto_chunk_size(probe_info, per_pass, eng.bytes_per_tangent, device, memory_budget)
+        chunk = chunk_size or auto_chunk_size(loss_check, per_pass, eng.bytes_per_tangent, device, memory_budget)
         log = _Progress(progress)
         if method == "hutchinson":
             layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
@@ -156,8 +156,8 @@ def diag(
         "num_closures": len(closures),
         "chunk_size": chunk,
         "dtype": str(objective.primals[0].dtype),
-        "loss": probe_info.loss,
-        "gradient_seconds": probe_info.gradient_seconds,
+        "loss": loss_check.loss,
+        "gradient_seconds": loss_check.gradient_seconds,
         "seconds": seconds,
         "nonfinite": nonfinite,
         **describe_environment(),

@@ -107,7 +107,7 @@ def resolve_parameters(
     module_ids = {id(m): name for name, m in modules.items()}
     out: dict[str, nn.Parameter] = {}
     for spec in layers:
-        if isinstance(spec, nn.Parameter) or isinstance(spec, torch.Tensor):
+        if isinstance(spec, torch.Tensor):
             if id(spec) not in param_ids:
                 raise LayerNotFoundError("a tensor passed in layers= is not a parameter of this model")
             name = param_ids[id(spec)]

@@ -79,7 +79,7 @@ def available_memory_bytes(device: torch.device) -> int:
 
 
 @dataclass
-class Probe:
+class LossCheck:
     """What one validated evaluation of the loss told us."""
 
     loss: float
@@ -181,7 +181,7 @@ class Objective:
         """Loss of closure ``index`` as a function of all selected parameters (positional)."""
         return lambda *values: self(index, values)
 
-    def validate(self) -> Probe:
+    def validate(self) -> LossCheck:
         """Evaluate the first closure with a gradient; check the loss and measure memory.
 
         Raises:
@@ -216,7 +216,7 @@ class Objective:
                 f"the loss does not depend on {', '.join(unused[:5])}; remove "
                 f"{'it' if len(unused) == 1 else 'them'} from layers= (frozen or unused parameters)"
             )
-        return Probe(loss=float(loss.detach()), saved_bytes=sum(sizes.values()), gradient_seconds=seconds)
+        return LossCheck(loss=float(loss.detach()), saved_bytes=sum(sizes.values()), gradient_seconds=seconds)
 
 
 # Wider batches bought nothing in measurements (32 vs 200 tangents, same time)
@@ -225,7 +225,7 @@ MAX_AUTO_CHUNK = 32
 
 
 def auto_chunk_size(
-    probe: Probe,
+    check: LossCheck,
     num_tangents: int,
     bytes_per_tangent_factor: float,
     device: torch.device,
@@ -240,7 +240,7 @@ def auto_chunk_size(
         MemoryRiskError: even a single tangent would not fit.
     """
     available = available_memory_bytes(device)
-    per_tangent = max(1, int(bytes_per_tangent_factor * max(probe.saved_bytes, 1)))
+    per_tangent = max(1, int(bytes_per_tangent_factor * max(check.saved_bytes, 1)))
     budget = memory_budget if memory_budget is not None else available // 2
     if per_tangent > available:
         raise MemoryRiskError(
