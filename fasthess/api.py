@@ -139,12 +139,6 @@ def diag(
     seconds = time.perf_counter() - start
 
     nonfinite = {n: r.nonfinite() for n, r in layer_results.items() if r.nonfinite()}
-    if nonfinite and on_nonfinite == "raise":
-        listing = ", ".join(f"{n} ({c} entries)" for n, c in nonfinite.items())
-        raise NonFiniteCurvatureError(
-            f"NaN/Inf Hessian entries in {listing}. The loss may overflow at this point (try dtype=torch.float64) "
-            "or the model has a non-differentiable op; pass on_nonfinite='keep' to inspect them."
-        )
     meta = {
         "method": method,
         "engine": eng.name,
@@ -162,7 +156,17 @@ def diag(
         "nonfinite": nonfinite,
         **describe_environment(),
     }
-    return DiagResult(layer_results, meta)
+    result = DiagResult(layer_results, meta)
+    if nonfinite and on_nonfinite == "raise":
+        listing = ", ".join(f"{n} ({c} entries)" for n, c in nonfinite.items())
+        err = NonFiniteCurvatureError(
+            f"NaN/Inf Hessian entries in {listing}. The loss may overflow at this point (try dtype=torch.float64) "
+            "or the model has a non-differentiable op; pass on_nonfinite='keep' to inspect them "
+            "(the computed result is also attached to this error as .result)."
+        )
+        err.result = result  # the work is not lost
+        raise err
+    return result
 
 
 class _Progress:

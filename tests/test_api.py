@@ -97,8 +97,9 @@ def test_nan_loss_and_nonfinite_curvature() -> None:
     with pytest.raises(LossError, match="nan"):
         fasthess.diag(holder, lambda: holder.w.sum() * float("nan"), ["w"])
     curv = lambda: torch.sqrt(holder.w**2).sum()  # noqa: E731 - finite loss, NaN second derivative at 0
-    with pytest.raises(NonFiniteCurvatureError, match="w \\(3 entries\\)"):
+    with pytest.raises(NonFiniteCurvatureError, match="w \\(3 entries\\)") as err:
         fasthess.diag(holder, curv, ["w"], method="exact", engine="double_backward")
+    assert err.value.result.meta["nonfinite"] == {"w": 3}  # the computed work comes with the error
     res = fasthess.diag(holder, curv, ["w"], method="exact", engine="double_backward", on_nonfinite="keep")
     assert res.meta["nonfinite"] == {"w": 3}
     with pytest.raises(FloatingPointError):
