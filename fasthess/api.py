@@ -112,13 +112,13 @@ def diag(
     if not allow_training_mode:
         check_training_mode(model)
     params = resolve_parameters(model, layers)
-    eng = get_engine(engine, method, next(iter(params.values())).device.type)
+    device = next(iter(params.values())).device
+    eng = get_engine(engine, method, device.type)
 
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode):
         objective = Objective(model, closures, params, dtype=dtype, fresh_buffers=allow_training_mode)
         loss_check = objective.validate()
-        device = objective.primals[0].device
         if method == "exact":
             total = sum(p.numel() for p in objective.primals)
             if total > max_exact_entries:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, Case, mlp
+from zoo import ZOO, mlp
 
 import fasthess
 from fasthess.errors import (
