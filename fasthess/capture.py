@@ -1,0 +1,184 @@
+"""Record the parameter-dependent part of a loss as a graph of ATen ops.
+
+The tangent-adjoint engine needs the computation below the user's Python: which
+ATen ops turn the selected parameters into the loss, with their primal values.
+:func:`capture` runs the loss once under a ``TorchDispatchMode`` and records
+every op that has a parameter-dependent input. Everything else (inputs, buffers,
+masks, other parameters, Python control flow, ``.item()`` checks) is evaluated
+eagerly and enters the graph as a constant, so models with data-dependent
+branches (Hugging Face attention masks) capture where ``make_fx`` refuses.
+
+Tensors are identified by the memory they view (storage pointer, offset, shape,
+strides, dtype), not by Python identity, because autograd may hand user code a
+different Python object for the same view. Every recorded tensor is kept alive
+while recording, so its memory cannot be reused by an unrelated constant.
+
+Example:
+    >>> import torch
+    >>> w = torch.randn(3, 2)
+    >>> x = torch.randn(5, 2)
+    >>> g = capture(lambda p: torch.tanh(x @ p.t()).sum(), [w])
+    >>> [str(n.func) for n in g.nodes]
+    ['aten.t.default', 'aten.mm.default', 'aten.tanh.default', 'aten.sum.default']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["CaptureError", "Graph", "Node", "Ref", "capture"]
+
+
+class CaptureError(RuntimeError):
+    """The loss cannot be recorded faithfully (in-place update of a dependent tensor, random op, ...)."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Argument slot holding the recorded value with this id."""
+
+    id: int
+
+
+@dataclass
+class Node:
+    """One recorded ATen call. ``flat_args`` holds :class:`Ref`, constants and Python values."""
+
+    func: Any
+    flat_args: list[Any]
+    spec: Any
+    out_ids: list[int | None]  # one per flattened output; None for non-tensor or non-float outputs
+    out_shapes: list[torch.Size | None]
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-op constants the engine derives once
+
+    def refs(self) -> list[int]:
+        return [a.id for a in self.flat_args if isinstance(a, Ref)]
+
+    def call(self, values: dict[int, Tensor], replace: Callable[[int], Any] | None = None) -> Any:
+        """Run the op with ``Ref`` slots filled from ``values`` (or ``replace(id)`` where given)."""
+        flat = [(replace(a.id) if replace else values[a.id]) if isinstance(a, Ref) else a for a in self.flat_args]
+        args, kwargs = tree_unflatten(flat, self.spec)
+        return self.func(*args, **kwargs)
+
+
+@dataclass
+class Graph:
+    """Recorded ops from ``placeholders`` (value ids of the parameters) to ``output``."""
+
+    placeholders: list[int]
+    nodes: list[Node]
+    output: int
+
+    def downstream(self, placeholder: int) -> list[int]:
+        """Positions of the nodes that depend on ``placeholder``, in execution order."""
+        live = {placeholder}
+        out = []
+        for pos, node in enumerate(self.nodes):
+            if any(r in live for r in node.refs()):
+                out.append(pos)
+                live.update(i for i in node.out_ids if i is not None)
+        return out
+
+    def replay(self, params: Sequence[Tensor]) -> dict[int, Tensor]:
+        """Values of every recorded tensor for ``params`` (autograd records if enabled)."""
+        values: dict[int, Tensor] = dict(zip(self.placeholders, params))
+        for node in self.nodes:
+            out = node.call(values)
+            flat, _ = tree_flatten(out)
+            for i, t in zip(node.out_ids, flat):
+                if i is not None:
+                    values[i] = t
+        return values
+
+
+def _key(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _tracked(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and t.numel() > 0
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.ids: dict[tuple, int] = {}
+        self.keep: list[Tensor] = []  # holds recorded tensors so their memory is not reused
+        self.nodes: list[Node] = []
+        self.constants: list[tuple[Tensor, int]] = []  # (tensor, version when captured)
+        self.placeholders = [self._register(p) for p in params]
+
+    def _register(self, t: Tensor) -> int:
+        i = len(self.keep)
+        self.keep.append(t)
+        self.ids[_key(t)] = i
+        return i
+
+    def _lookup(self, a: Any) -> int | None:
+        if not _tracked(a):
+            return None
+        return self.ids.get(_key(a))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        deps = [self._lookup(a) for a in flat]
+        out = func(*args, **kwargs)
+        if all(d is None for d in deps):
+            return out
+        if func._schema.is_mutable:
+            raise CaptureError(f"{func} updates a parameter-dependent tensor in place")
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise CaptureError(f"{func} is random and depends on the parameters")
+        out_flat, out_spec = tree_flatten(out)
+        if not any(isinstance(t, Tensor) for t in out_flat):
+            return out  # e.g. .item(): the value is specialised, as autograd would do
+        flat_args = []
+        for a, d in zip(flat, deps):
+            if d is not None:
+                flat_args.append(Ref(d))
+            else:
+                if isinstance(a, Tensor):
+                    self.constants.append((a, a._version))
+                flat_args.append(a)
+        out_ids = [self._register(t) if _tracked(t) else None for t in out_flat]
+        shapes = [t.shape if i is not None else None for t, i in zip(out_flat, out_ids)]
+        self.nodes.append(Node(func, flat_args, spec, out_ids, shapes))
+        return out
+
+
+def capture(f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor]) -> Graph:
+    """Record ``f(params)`` (a scalar) as a :class:`Graph` of the ops that depend on ``params``.
+
+    Args:
+        f: function of the list of parameter tensors returning a scalar tensor.
+        params: the point; each becomes a placeholder.
+
+    Raises:
+        CaptureError: the loss updates a dependent tensor in place, draws random
+            numbers from dependent values, or a captured constant changes later.
+    """
+    params = [p.detach() for p in params]
+    # A parameter passed twice (or two views of one memory) would be one value.
+    if len({_key(p) for p in params}) != len(params):
+        params = [p.clone() for p in params]
+    with torch.no_grad():
+        rec = _Recorder(params)
+        with rec:
+            loss = f(params)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise CaptureError("the loss is not a scalar tensor")
+    output = rec._lookup(loss)
+    if output is None:
+        raise CaptureError("the loss does not depend on the selected parameters")
+    for t, version in rec.constants:
+        if t._version != version:
+            raise CaptureError("a tensor used by the loss was modified in place after its use")
+    return Graph(rec.placeholders, rec.nodes, output)

@@ -1,0 +1,527 @@
+"""Per-op rules: first-order tangents and local second-order terms of ATen ops.
+
+For a recorded op ``y = f(x_1, ..., x_m)`` with input tangents ``ẋ_j`` (a batch of
+K directions, shape ``(K, *x_j.shape)``) a rule returns
+
+* the output tangent ``ẏ = Σ_j ∂f/∂x_j · ẋ_j``, and
+* the contribution ``⟨λ, f''[ẋ, ẋ]⟩`` of the op's second directional derivative,
+  contracted with the adjoint ``λ = ∂L/∂y`` of the loss (``(K,)``; ``None`` for
+  ops that are linear in their inputs).
+
+Summing the contributions of all ops gives ``vᵀ H v`` exactly (the second-order
+tangent of a 2-jet is linear in the first-order one, so it can be transposed
+onto the adjoints of one shared backward pass). Ops without a hand-written rule
+use ``torch.func.jvp`` on that op alone: nested for the second-order term.
+
+A tangent is either a dense ``(K, *shape)`` tensor or a :class:`OneHot` seed
+(a single 1 per direction, as for sampled coordinates), which view ops move and
+matrix products turn into a scattered copy of one input column without a matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..capture import Node
+
+aten = torch.ops.aten
+
+
+@dataclass
+class OneHot:
+    """K directions, each a single 1 at flat ``index[k]`` of a tensor of ``shape`` (``-1``: zero direction)."""
+
+    shape: torch.Size
+    index: Tensor  # (K,) int64
+
+    def dense(self, like: Tensor) -> Tensor:
+        k = self.index.numel()
+        out = like.new_zeros((k, like.numel()))
+        valid = self.index >= 0
+        out[torch.arange(k, device=like.device)[valid], self.index[valid]] = 1
+        return out.view(k, *self.shape)
+
+
+Tangent = Union[Tensor, OneHot, None]
+RuleResult = tuple[list[Union[Tensor, OneHot, None]], Union[Tensor, None]]
+
+
+def _k_sum(t: Tensor) -> Tensor:
+    """Sum over everything but the leading direction dimension."""
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _align(t: Tensor, ndim: int) -> Tensor:
+    """Insert unit dims after K so ``t`` (K, *s) broadcasts against a rank-``ndim`` primal."""
+    missing = ndim - (t.dim() - 1)
+    return t.reshape(t.shape[0], *([1] * missing), *t.shape[1:]) if missing > 0 else t
+
+
+def _densify(t: Tangent, like: Any) -> Tangent:
+    return t.dense(like) if isinstance(t, OneHot) else t
+
+
+def _unflatten_call(node: Node, flat: Sequence[Any]) -> Any:
+    args, kwargs = tree_unflatten(list(flat), node.spec)
+    return node.func(*args, **kwargs)
+
+
+def _vcall(node: Node, primal: Sequence[Any], batched: dict[int, Tensor]) -> Any:
+    """``node``'s op vmapped over the K directions of the arguments in ``batched``."""
+    pos = list(batched)
+
+    def one(*ts: Tensor) -> Any:
+        flat = list(primal)
+        for p, t in zip(pos, ts):
+            flat[p] = t
+        return _unflatten_call(node, flat)
+
+    return torch.vmap(one)(*[batched[p] for p in pos])
+
+
+def _outputs(node: Node, out: Any) -> list[Tensor | None]:
+    flat, _ = tree_flatten(out)
+    return [t if i is not None else None for t, i in zip(flat, node.out_ids)]
+
+
+# ----------------------------------------------------------------------------- generic fallback
+
+
+def generic_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """Any op: tangent by ``jvp``, second-order term by ``jvp`` of ``jvp``, on this op alone."""
+    pos = [i for i, t in enumerate(tans) if t is not None]
+    dense = [_densify(tans[i], primal[i]) for i in pos]
+    xs = [primal[i] for i in pos]
+    keep = [j for j, i in enumerate(node.out_ids) if i is not None]
+
+    def f(*ys: Tensor) -> tuple[Tensor, ...]:
+        flat = list(primal)
+        for p, y in zip(pos, ys):
+            flat[p] = y
+        outs, _ = tree_flatten(_unflatten_call(node, flat))
+        return tuple(outs[j] for j in keep)
+
+    def first(*ts: Tensor) -> tuple[Tensor, ...]:
+        return torch.func.jvp(f, tuple(xs), ts)[1]
+
+    tangents = torch.vmap(first)(*dense)
+    out: list[Tensor | None] = [None] * len(node.out_ids)
+    for j, t in zip(keep, tangents):
+        out[j] = t
+    contribution = None
+    if any(lams[j] is not None for j in keep):
+
+        def second(*ts: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(lambda *ys: torch.func.jvp(f, ys, ts)[1], tuple(xs), ts)[1]
+
+        qs = torch.vmap(second)(*dense)
+        contribution = sum(_k_sum(lams[j] * q) for j, q in zip(keep, qs) if lams[j] is not None)
+    return out, contribution
+
+
+# ----------------------------------------------------------------------------- linear ops
+
+_VIEW_LIKE = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def view_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    (t,) = [t for t in tans if t is not None]
+    shape = node.out_shapes[0]
+    if isinstance(t, OneHot):
+        return [OneHot(shape, t.index)], None  # row-major order is unchanged by a reshape
+    return [t.reshape(t.shape[0], *shape)], None
+
+
+def unary_linear_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """Ops linear in their one tangent-carrying argument (views, reductions, gathers, losses)."""
+    pos = [i for i, t in enumerate(tans) if t is not None]
+    if len(pos) != 1:
+        return generic_rule(node, primal, tans, lams)
+    (p,) = pos
+    t = tans[p]
+    if isinstance(t, OneHot):
+        moved = _move_one_hot(node, primal, p, t)
+        if moved is not None:
+            return moved, None
+        t = t.dense(primal[p])
+    return _outputs(node, _vcall(node, primal, {p: t})), None
+
+
+def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any] | None:
+    """Follow a one-hot seed through a pure data-movement op; ``None`` where it stops being one-hot."""
+    if node.func not in _MOVES:
+        return None
+    key = ("one_hot_map", p)
+    if key not in node.cache:
+        src = primal[p]
+        ar = torch.arange(src.numel(), device=src.device).view(src.shape)
+        flat = list(primal)
+        flat[p] = ar
+        outs, _ = tree_flatten(_unflatten_call(node, flat))
+        maps: list[Tensor | None] = []
+        for o in outs:
+            if not isinstance(o, Tensor) or o.numel() != o.unique().numel():
+                maps.append(None)
+                continue
+            inverse = torch.full((src.numel(),), -1, dtype=torch.long, device=src.device)
+            inverse[o.reshape(-1)] = torch.arange(o.numel(), device=src.device)
+            maps.append(inverse)
+        node.cache[key] = maps
+    maps = node.cache[key]
+    if any(m is None for m in maps):
+        return None
+    result: list[Any] = []
+    for m, shape in zip(maps, node.out_shapes):
+        if shape is None:
+            result.append(None)
+            continue
+        idx = torch.where(t.index >= 0, m[t.index.clamp_min(0)], -1)
+        result.append(OneHot(shape, idx))
+    return result
+
+
+_MOVES = {
+    aten.t.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.chunk.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.narrow.default,
+}
+
+
+def add_sub_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    a, b = primal[0], primal[1]
+    ta, tb = _densify(tans[0], a), (_densify(tans[1], b) if len(tans) > 1 else None)
+    alpha = node_kwarg(node, primal, "alpha", 1)
+    if node.func in (aten.sub.Tensor,):
+        alpha = -alpha
+    ndim = len(node.out_shapes[0])
+    out = None
+    if ta is not None:
+        out = _align(ta, ndim)
+    if tb is not None:
+        tb = _align(tb, ndim) * alpha if alpha != 1 else _align(tb, ndim)
+        out = tb if out is None else out + tb
+    shape = node.out_shapes[0]
+    return [out.expand(out.shape[0], *shape) if tuple(out.shape[1:]) != tuple(shape) else out], None
+
+
+def node_kwarg(node: Node, primal: list[Any], name: str, default: Any) -> Any:
+    args, kwargs = tree_unflatten(list(primal), node.spec)
+    if name in kwargs:
+        return kwargs[name]
+    schema_args = node.func._schema.arguments
+    for i, arg in enumerate(schema_args):
+        if arg.name == name and i < len(args):
+            return args[i]
+    return default
+
+
+def zero_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """Ops additive in their tensor arguments (cat, stack, where): absent tangents count as zeros."""
+    batched = {}
+    flat = list(primal)
+    for i, (x, t) in enumerate(zip(primal, tans)):
+        if t is not None:
+            batched[i] = _densify(t, x)
+        elif isinstance(x, Tensor) and x.is_floating_point():
+            flat[i] = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
+    return _outputs(node, _vcall(node, flat, batched)), None
+
+
+def masked_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    x, mask = primal[0], primal[1]
+    if tans[0] is None:  # only a tensor fill value carries a tangent: rare, go generic
+        return generic_rule(node, primal, tans, lams)
+    t = _densify(tans[0], x)
+    if len(tans) > 2 and tans[2] is not None:
+        return generic_rule(node, primal, tans, lams)
+    return [t.masked_fill(mask, 0)], None
+
+
+def detach_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    return [None] * len(node.out_ids), None
+
+
+# ----------------------------------------------------------------------------- (multi)linear products
+
+
+def mul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    a, b = primal[0], primal[1]
+    ta, tb = _densify(tans[0], a), (_densify(tans[1], b) if len(tans) > 1 else None)
+    ndim = len(node.out_shapes[0])
+    out = None
+    if ta is not None:
+        out = _align(ta, ndim) * b
+    if tb is not None:
+        term = a * _align(tb, ndim)
+        out = term if out is None else out + term
+    contribution = None
+    if ta is not None and tb is not None and lams[0] is not None:
+        contribution = 2 * _k_sum(lams[0] * _align(ta, ndim) * _align(tb, ndim))
+    shape = node.out_shapes[0]
+    if tuple(out.shape[1:]) != tuple(shape):
+        out = out.expand(out.shape[0], *shape)
+    return [out], contribution
+
+
+def div_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    a, b = primal[0], primal[1]
+    if not isinstance(b, Tensor) or node.func not in (aten.div.Tensor,):
+        if isinstance(a, Tensor) and tans[0] is not None and (len(tans) < 2 or tans[1] is None):
+            return unary_linear_rule(node, primal, tans, lams)
+        return generic_rule(node, primal, tans, lams)
+    ta, tb = _densify(tans[0], a), _densify(tans[1], b)
+    ndim = len(node.out_shapes[0])
+    if tb is None:
+        return [_align(ta, ndim) / b], None
+    tb = _align(tb, ndim)
+    y = a / b
+    out = -y * tb / b
+    q_num = 2 * y * tb * tb / (b * b)  # d²(a/b) along ḃ with a fixed
+    if ta is not None:
+        ta = _align(ta, ndim)
+        out = out + ta / b
+        q_num = q_num - 2 * ta * tb / (b * b)
+    contribution = _k_sum(lams[0] * q_num) if lams[0] is not None else None
+    return [out], contribution
+
+
+def _matmul_args(node: Node, primal: list[Any]) -> tuple[Any, Tensor, Tensor, float, float, int, int]:
+    """(bias, m1, m2, beta, alpha, position of m1, position of m2) for mm / bmm / addmm."""
+    if node.func in (aten.mm.default, aten.bmm.default):
+        return None, primal[0], primal[1], 1.0, 1.0, 0, 1
+    beta = node_kwarg(node, primal, "beta", 1)
+    alpha = node_kwarg(node, primal, "alpha", 1)
+    return primal[0], primal[1], primal[2], beta, alpha, 1, 2
+
+
+def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """mm, bmm, addmm: products with K-batched tangents; one-hot weight seeds scatter one column."""
+    bias, m1, m2, beta, alpha, p1, p2 = _matmul_args(node, primal)
+    t1, t2 = tans[p1], tans[p2]
+    tb = tans[0] if bias is not None else None
+    out = None
+    if isinstance(t2, OneHot) and t1 is None:
+        out = _one_hot_right(m1, t2) * alpha if alpha != 1 else _one_hot_right(m1, t2)
+    elif isinstance(t1, OneHot) and t2 is None:
+        out = _one_hot_left(t1, m2) * alpha if alpha != 1 else _one_hot_left(t1, m2)
+    else:
+        t1, t2 = _densify(t1, m1), _densify(t2, m2)
+        if t1 is not None:
+            out = torch.matmul(t1, m2)
+        if t2 is not None:
+            term = torch.matmul(m1, t2)
+            out = term if out is None else out + term
+        if alpha != 1 and out is not None:
+            out = out * alpha
+    contribution = None
+    if t1 is not None and t2 is not None and lams[0] is not None:
+        contribution = 2 * alpha * _k_sum(lams[0] * torch.matmul(t1, t2))
+    if tb is not None:
+        tb = _densify(tb, bias)
+        shape = node.out_shapes[0]
+        term = _align(tb, len(shape)) * beta
+        out = term.expand(term.shape[0], *shape) if out is None else out + term
+    return [out], contribution
+
+
+def _one_hot_right(m1: Tensor, seed: OneHot) -> Tensor:
+    """``m1 @ E_k`` for one-hot ``E_k`` of shape (k, n): column ``c`` gets ``m1[:, r]``."""
+    k = seed.index.numel()
+    n = seed.shape[-1]
+    out = m1.new_zeros((k, m1.shape[0], n))
+    valid = seed.index >= 0
+    rows, cols = seed.index[valid] // n, seed.index[valid] % n
+    out[torch.arange(k, device=m1.device)[valid], :, cols] = m1[:, rows].t()
+    return out
+
+
+def _one_hot_left(seed: OneHot, m2: Tensor) -> Tensor:
+    """``E_k @ m2`` for one-hot ``E_k`` of shape (m, k): row ``r`` gets ``m2[c, :]``."""
+    k = seed.index.numel()
+    m, inner = seed.shape
+    out = m2.new_zeros((k, m, m2.shape[1]))
+    valid = seed.index >= 0
+    rows, cols = seed.index[valid] // inner, seed.index[valid] % inner
+    out[torch.arange(k, device=m2.device)[valid], rows, :] = m2[cols, :]
+    return out
+
+
+# ----------------------------------------------------------------------------- pointwise nonlinear ops
+
+_SQRT_2PI = math.sqrt(2 * math.pi)
+
+
+def _gelu_derivatives(x: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    if approximate == "tanh":
+        c = math.sqrt(2 / math.pi)
+        u = c * (x + 0.044715 * x**3)
+        du = c * (1 + 3 * 0.044715 * x**2)
+        d2u = c * 6 * 0.044715 * x
+        th = torch.tanh(u)
+        sech2 = 1 - th * th
+        d1 = 0.5 * (1 + th) + 0.5 * x * sech2 * du
+        d2 = sech2 * du + 0.5 * x * (-2 * th * sech2 * du * du + sech2 * d2u)
+        return d1, d2
+    phi = torch.exp(-0.5 * x * x) / _SQRT_2PI
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    return cdf + x * phi, phi * (2 - x * x)
+
+
+def _pointwise(node: Node, primal: list[Any]) -> tuple[Tensor, Tensor]:
+    """(f'(x), f''(x)) for the unary pointwise op of ``node``."""
+    x = primal[0]
+    f = node.func
+    if f is aten.tanh.default:
+        y = torch.tanh(x)
+        d1 = 1 - y * y
+        return d1, -2 * y * d1
+    if f is aten.sigmoid.default:
+        s = torch.sigmoid(x)
+        d1 = s * (1 - s)
+        return d1, d1 * (1 - 2 * s)
+    if f is aten.exp.default:
+        y = torch.exp(x)
+        return y, y
+    if f is aten.log.default:
+        return 1 / x, -1 / (x * x)
+    if f is aten.rsqrt.default:
+        r = torch.rsqrt(x)
+        return -0.5 * r / x, 0.75 * r / (x * x)
+    if f is aten.sqrt.default:
+        s = torch.sqrt(x)
+        return 0.5 / s, -0.25 / (s * x)
+    if f is aten.reciprocal.default:
+        return -1 / (x * x), 2 / (x * x * x)
+    if f is aten.relu.default:
+        return (x > 0).to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device)
+    if f is aten.erf.default:
+        d1 = 2 / math.sqrt(math.pi) * torch.exp(-x * x)
+        return d1, -2 * x * d1
+    if f is aten.silu.default:
+        s = torch.sigmoid(x)
+        d1 = s * (1 + x * (1 - s))
+        return d1, s * (1 - s) * (2 + x * (1 - 2 * s))
+    if f is aten.gelu.default:
+        return _gelu_derivatives(x, node_kwarg(node, primal, "approximate", "none"))
+    if f is aten.pow.Tensor_Scalar:
+        e = primal[1]
+        return e * x ** (e - 1), e * (e - 1) * x ** (e - 2) if e != 1 else torch.zeros_like(x)
+    raise KeyError(f)
+
+
+def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    if tans[0] is None or any(t is not None for t in tans[1:]):
+        return generic_rule(node, primal, tans, lams)
+    t = _densify(tans[0], primal[0])
+    d1, d2 = _pointwise(node, primal)
+    contribution = _k_sum(lams[0] * d2 * t * t) if lams[0] is not None else None
+    return [d1 * t], contribution
+
+
+# ----------------------------------------------------------------------------- softmax family
+
+
+def softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    x, dim = primal[0], primal[1]
+    t = _densify(tans[0], x)
+    p = torch.softmax(x, dim)
+    d = dim % x.dim() + 1
+    centred = t - (p * t).sum(d, keepdim=True)
+    tp = p * centred
+    contribution = None
+    if lams[0] is not None:
+        q = tp * centred - p * (tp * t).sum(d, keepdim=True)
+        contribution = _k_sum(lams[0] * q)
+    return [tp], contribution
+
+
+def log_softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    x, dim = primal[0], primal[1]
+    t = _densify(tans[0], x)
+    p = torch.softmax(x, dim)
+    d = dim % x.dim() + 1
+    mean = (p * t).sum(d, keepdim=True)
+    contribution = None
+    if lams[0] is not None:
+        var = (p * t * t).sum(d, keepdim=True) - mean * mean
+        contribution = -_k_sum(lams[0].sum(dim % x.dim(), keepdim=True) * var)
+    return [t - mean], contribution
+
+
+# ----------------------------------------------------------------------------- table
+
+Rule = Callable[[Node, list, list, list], RuleResult]
+
+RULES: dict[Any, Rule] = {}
+for _op in _VIEW_LIKE:
+    RULES[_op] = view_rule
+for _op in _MOVES | {
+    aten.expand.default,
+    aten.sum.dim_IntList,
+    aten.sum.default,
+    aten.mean.dim,
+    aten.mean.default,
+    aten.neg.default,
+    aten._to_copy.default,
+    aten.embedding.default,
+    aten.index_select.default,
+    aten.gather.default,
+    aten.nll_loss_forward.default,
+    aten.nll_loss2d_forward.default,
+    aten.tril.default,
+    aten.triu.default,
+    aten.index.Tensor,
+}:
+    RULES[_op] = unary_linear_rule
+for _op in (aten.add.Tensor, aten.sub.Tensor):
+    RULES[_op] = add_sub_rule
+for _op in (aten.cat.default, aten.stack.default, aten.where.self):
+    RULES[_op] = zero_fill_rule
+for _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+    RULES[_op] = masked_fill_rule
+for _op in (aten.mm.default, aten.bmm.default, aten.addmm.default):
+    RULES[_op] = matmul_rule
+for _op in (
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.reciprocal.default,
+    aten.relu.default,
+    aten.erf.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.pow.Tensor_Scalar,
+):
+    RULES[_op] = pointwise_rule
+RULES[aten.mul.Tensor] = mul_rule
+RULES[aten.div.Tensor] = div_rule
+RULES[aten._softmax.default] = softmax_rule
+RULES[aten._log_softmax.default] = log_softmax_rule
+RULES[aten.detach.default] = detach_rule
+
+# Ops whose rules never produce a second-order term (no adjoint needed).
+LINEAR_OPS = {op for op, r in RULES.items() if r in (view_rule, unary_linear_rule, add_sub_rule, zero_fill_rule,
+                                                       masked_fill_rule, detach_rule)}
