@@ -12,11 +12,17 @@ same layers, in the same run, each in its own process so peak memory is its own:
 
 Reported per method: seconds (median over repeats), entries/s, entries per
 gradient-time (the time of one forward+backward measured in the same process),
-peak RSS above the process's baseline, and the largest deviation from ``naive``.
+peak memory above the process's baseline (RSS on the CPU, allocated bytes on a
+GPU) and its ratio to the peak of one gradient evaluation (the ``gradient`` row),
+and the largest deviation from ``naive`` on the coordinates both computed.
+
+The per-coordinate baselines take seconds per entry at the paper's sizes on a
+CPU, so ``--slow-samples N`` gives them the first N of the sampled coordinates of
+each layer; speed-ups are ratios of entries/s.
 
 Run (quick preset, ~minutes on a laptop CPU):
     python benchmarks/sampled_diag.py --model encoder --preset quick
-Writes ``benchmarks/results/sampled_diag-<model>-<preset>.{json,csv,png}``.
+Writes ``benchmarks/results/sampled_diag-<model>-<preset>[-<device>].{json,csv,png}``.
 """
 
 from __future__ import annotations
@@ -110,15 +116,41 @@ def build(model_name: str, c: dict) -> tuple[nn.Module, Logits, torch.Tensor, to
     return model, Logits(model, model_name, c["seq"]), X, y, layers[::step][:8]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def gradient_seconds(model: nn.Module, loss: callable, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
+        _sync()
         t = time.perf_counter()
         loss().backward()
+        _sync()
         times.append(time.perf_counter() - t)
     model.zero_grad(set_to_none=True)
     return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak memory above the level at construction: allocated bytes on a GPU, RSS on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def mib(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / 2**20
 
 
 # ------------------------------------------------------------------ the methods
@@ -153,7 +185,7 @@ def run_torch_func(model, loss, params, indices, chunk, **_) -> dict[str, torch.
             vals = []
             for s in range(0, idx.numel(), chunk):
                 sub = idx[s : s + chunk]
-                t = torch.zeros(sub.numel(), p0.numel())
+                t = torch.zeros(sub.numel(), p0.numel(), device=p0.device)
                 t[range(sub.numel()), sub] = 1
                 cols = vmap(lambda v: jvp(grad(f), (p0,), (v,))[1])(t.view(-1, *p0.shape))
                 vals.append(cols.reshape(sub.numel(), -1)[range(sub.numel()), sub])
@@ -176,7 +208,7 @@ def run_curvlinops(model, loss, params, indices, chunk, logits=None, X=None, y=N
             vals = []
             for s in range(0, idx.numel(), chunk):
                 sub = idx[s : s + chunk]
-                E = torch.zeros(p.numel(), sub.numel())
+                E = torch.zeros(p.numel(), sub.numel(), device=p.device)
                 E[sub, range(sub.numel())] = 1
                 vals.append(torch.as_tensor(H @ E)[sub, range(sub.numel())])
             out[name] = torch.cat(vals).detach()
@@ -187,10 +219,13 @@ def run_fasthess(engine: str):
     def run(model, loss, params, indices, chunk, **_) -> dict[str, torch.Tensor]:
         import fasthess
 
-        res = fasthess.diag(model, loss, list(params), num_samples=indices[next(iter(indices))].numel(), engine=engine)
-        for name in params:
-            assert torch.equal(res[name].indices, indices[name])
-        return {name: res[name].values for name in params}
+        full = max(idx.numel() for idx in indices.values())
+        res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine)
+        out = {}
+        for name, idx in indices.items():  # a prefix of fasthess's own sample when --slow-samples applies
+            assert torch.equal(res[name].indices[: idx.numel()].to(idx.device), idx)
+            out[name] = res[name].values[: idx.numel()]
+        return out
 
     return run
 
@@ -205,14 +240,23 @@ class _Run(nn.Module):
         return self._loss()
 
 
+def run_gradient(model, loss, params, indices, chunk, **_) -> dict[str, torch.Tensor]:
+    """One forward+backward: the yardstick for time and memory (no entries)."""
+    grads = torch.autograd.grad(loss(), list(params.values()))
+    return {name: g.reshape(-1)[:0] for name, g in zip(params, grads)}
+
+
 METHODS = {
+    "gradient": run_gradient,
     "naive": run_naive,
     "torch_func": run_torch_func,
     "curvlinops": run_curvlinops,
     "fasthess": run_fasthess("auto"),
     "fasthess-fwd_fwd": run_fasthess("fwd_fwd"),
     "fasthess-fwd_rev": run_fasthess("fwd_rev"),
+    "fasthess-double_backward": run_fasthess("double_backward"),
 }
+SLOW = {"naive", "torch_func", "curvlinops", "fasthess-fwd_fwd", "fasthess-fwd_rev", "fasthess-double_backward"}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -221,23 +265,30 @@ def child(args: argparse.Namespace) -> None:
 
     c = PRESETS[(args.model, args.preset)]
     model, logits, X, y, layers = build(args.model, c)
+    model, X, y = model.to(args.device), X.to(args.device), y.to(args.device)
     loss = lambda: F.cross_entropy(logits(X), y)  # noqa: E731
     named = dict(model.named_parameters())
     params = {n: named[n] for n in layers}
-    indices = {n: sample_indices(p.numel(), c["samples"], 0, n) for n, p in params.items()}
-    grad_s = gradient_seconds(model, loss)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    samples = c["samples"]
+    if args.child in SLOW and args.slow_samples:
+        samples = min(samples, args.slow_samples)
+    indices = {n: sample_indices(p.numel(), c["samples"], 0, n)[:samples].to(args.device) for n, p in params.items()}
+    loss().item()  # warm-up, outside the memory measurement
+    peak = PeakMemory(args.device)
     times, values = [], None
-    for _ in range(args.repeats):
+    for _ in range(1 if args.child == "gradient" else args.repeats):
+        _sync()
         t = time.perf_counter()
         values = METHODS[args.child](model, loss, params, indices, args.chunk, logits=logits, X=X, y=y)
+        _sync()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss
+    peak_mib = peak.mib()
+    grad_s = gradient_seconds(model, loss)
     entries = sum(v.numel() for v in values.values())
     print(json.dumps({
         "method": args.child, "seconds": statistics.median(times), "all_seconds": times, "entries": entries,
-        "gradient_seconds": grad_s, "peak_rss_above_baseline_mib": peak / 1024,
-        "values": {n: v.double().tolist() for n, v in values.items()},
+        "gradient_seconds": grad_s, "peak_mib": peak_mib,
+        "values": {n: v.double().cpu().tolist() for n, v in values.items()},
     }))
 
 
@@ -245,9 +296,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["encoder", "seq2seq"], default="encoder")
     parser.add_argument("--preset", choices=["quick", "paper"], default="quick")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default="gradient,naive,torch_func,curvlinops,fasthess,fasthess-fwd_rev")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=32, help="tangents per batched pass (torch_func, curvlinops)")
+    parser.add_argument("--slow-samples", type=int, default=0,
+                        help="coordinates per layer for the per-coordinate baselines (0: all)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,64 +311,73 @@ def main() -> None:
     records = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--preset", args.preset,
-               "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+               "--repeats", str(args.repeats), "--chunk", str(args.chunk),
+               "--slow-samples", str(args.slow_samples), "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-            records.append({"method": method, "error": proc.stderr.strip().splitlines()[-1]})
+            lines = proc.stderr.strip().splitlines()
+            records.append({"method": method, "error": lines[-1] if lines else f"killed (exit status {proc.returncode})"})
             continue
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         records.append(rec)
         print(f"{method:>18}: {rec['seconds']:8.2f} s  ({rec['entries']} entries)", flush=True)
 
     ref = next((r for r in records if r.get("method") == "naive" and "values" in r), None)
+    grad = next((r for r in records if r.get("method") == "gradient" and "values" in r), None)
     rows = []
     for r in records:
         if "values" not in r:
             rows.append({"method": r["method"], "error": r["error"]})
             continue
         dev = None
-        if ref is not None:
-            dev = max(
-                float((torch.tensor(r["values"][n]) - torch.tensor(ref["values"][n])).abs().max()
-                      / torch.tensor(ref["values"][n]).abs().max().clamp_min(1e-30))
-                for n in ref["values"]
-            )
+        if ref is not None and r["entries"]:
+            devs = []
+            for n in ref["values"]:
+                k = min(len(ref["values"][n]), len(r["values"][n]))
+                a, b = torch.tensor(r["values"][n][:k]), torch.tensor(ref["values"][n][:k])
+                devs.append(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+            dev = max(devs)
+        rate = r["entries"] / r["seconds"]
         rows.append({
             "method": r["method"], "seconds": r["seconds"], "entries": r["entries"],
-            "entries_per_s": r["entries"] / r["seconds"],
-            "entries_per_gradient_time": r["entries"] * r["gradient_seconds"] / r["seconds"],
+            "entries_per_s": rate,
+            "entries_per_gradient_time": rate * r["gradient_seconds"],
             "gradient_seconds": r["gradient_seconds"],
-            "speedup_vs_naive": (ref["seconds"] / r["seconds"]) if ref else None,
-            "peak_rss_above_baseline_mib": r["peak_rss_above_baseline_mib"],
+            "speedup_vs_naive": rate / (ref["entries"] / ref["seconds"]) if ref and r["entries"] else None,
+            "peak_mib": r["peak_mib"],
+            "peak_vs_gradient": r["peak_mib"] / grad["peak_mib"] if grad and grad["peak_mib"] > 0 else None,
             "max_rel_dev_from_naive": dev,
         })
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sampled_diag-{args.model}-{args.preset}"
+    stem = args.out / f"sampled_diag-{args.model}-{args.preset}{'-cuda' if args.device == 'cuda' else ''}"
     meta = {
         "model": args.model, "preset": args.preset, "config": PRESETS[(args.model, args.preset)],
-        "repeats": args.repeats, "torch": torch.__version__, "python": platform.python_version(),
+        "repeats": args.repeats, "slow_samples": args.slow_samples, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip(),
     }
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     keys = ["method", "seconds", "entries", "entries_per_s", "entries_per_gradient_time", "gradient_seconds",
-            "speedup_vs_naive", "peak_rss_above_baseline_mib", "max_rel_dev_from_naive", "error"]
+            "speedup_vs_naive", "peak_mib", "peak_vs_gradient", "max_rel_dev_from_naive", "error"]
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         for row in rows:
             w.writerow({k: row.get(k) for k in keys})
-    print(f"\n{'method':>18} {'s':>8} {'entries/s':>10} {'per grad-time':>13} {'vs naive':>9} {'peak MiB':>9} {'max dev':>9}")
+    print(f"\n{'method':>24} {'s':>8} {'entries':>7} {'entries/s':>10} {'per grad-time':>13} {'vs naive':>9} "
+          f"{'peak MiB':>9} {'x grad':>7} {'max dev':>9}")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for row in rows:
         if "error" in row:
-            print(f"{row['method']:>18}  error: {row['error']}")
+            print(f"{row['method']:>24}  error: {row['error']}")
             continue
-        sv = row["speedup_vs_naive"]
-        dv = row["max_rel_dev_from_naive"]
-        print(f"{row['method']:>18} {row['seconds']:8.2f} {row['entries_per_s']:10.1f} {row['entries_per_gradient_time']:13.2f} "
-              f"{sv if sv is None else f'{sv:.2f}x':>9} {row['peak_rss_above_baseline_mib']:9.0f} {dv if dv is None else f'{dv:.1e}':>9}")
+        print(f"{row['method']:>24} {row['seconds']:8.2f} {row['entries']:7d} {row['entries_per_s']:10.2f} "
+              f"{row['entries_per_gradient_time']:13.2f} {fmt(row['speedup_vs_naive'], '.2f'):>9} {row['peak_mib']:9.0f} "
+              f"{fmt(row['peak_vs_gradient'], '.2f'):>7} {fmt(row['max_rel_dev_from_naive'], '.1e'):>9}")
     _plot(rows, stem.with_suffix(".png"), meta)
     print(f"\nwrote {stem}.json/.csv/.png")
 
@@ -328,11 +391,12 @@ def _plot(rows: list[dict], path: Path, meta: dict) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and r["entries"]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.barh([r["method"] for r in ok], [r["entries_per_gradient_time"] for r in ok], color="tab:blue")
     ax.set_xlabel("exact H_ii entries per gradient-time (higher is better)")
-    ax.set_title(f"sampled Hessian diagonal, {meta['model']} ({meta['preset']}), {meta['machine']} CPU x{meta['threads']}")
+    where = meta["gpu"] or f"{meta['machine']} CPU x{meta['threads']}"
+    ax.set_title(f"sampled Hessian diagonal, {meta['model']} ({meta['preset']}), {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .decompositions import autodiff_safe
+from .capture import CaptureError
 from .engines import Engine, get_engine
+from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
 from .kernels.hutchinson import hutchinson_update_
 from .layers import LayerSpec, resolve_parameters
@@ -63,9 +65,13 @@ def diag(
         num_samples: coordinates per parameter tensor for ``"sampled"``.
         num_probes: probe vectors for ``"hutchinson"`` (shared by all layers).
         seed: fixes coordinates and probes (same seed, same numbers).
-        engine: ``"auto"``, ``"fwd_fwd"`` (nested forward mode, no backward
-            pass), ``"fwd_rev"`` (vmapped forward-over-reverse HVPs) or
-            ``"double_backward"`` (the reference loop).
+        engine: ``"auto"``, ``"tangent_adjoint"`` (the fast sampled/exact
+            engine: first-order tangents downstream of each layer plus one
+            shared backward pass; falls back to the generic engine for losses
+            it cannot record, noted in ``meta["engine_fallback"]``),
+            ``"fwd_fwd"`` (nested forward mode, no backward pass), ``"fwd_rev"``
+            (vmapped forward-over-reverse HVPs) or ``"double_backward"`` (the
+            reference loop).
         chunk_size: tangents per batched pass; ``None`` sizes it to
             ``memory_budget``.
         dtype: compute in this dtype (e.g. ``torch.float64``); parameters,
@@ -131,10 +137,11 @@ def diag(
         per_pass = num_probes if method == "hutchinson" else max(sizes)
         chunk = chunk_size or auto_chunk_size(loss_check, per_pass, eng.bytes_per_tangent, device, memory_budget)
         log = _Progress(progress)
+        fallback = None
         if method == "hutchinson":
             layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
         else:
-            layer_results = _entries(objective, eng, method, num_samples, seed, chunk, log)
+            layer_results, eng, fallback = _entries(objective, eng, method, num_samples, seed, chunk, log)
             used_backend = "torch"
     seconds = time.perf_counter() - start
 
@@ -142,6 +149,7 @@ def diag(
     meta = {
         "method": method,
         "engine": eng.name,
+        "engine_fallback": fallback,
         "backend": used_backend,
         "seed": seed,
         "num_samples": num_samples if method == "sampled" else None,
@@ -181,26 +189,44 @@ class _Progress:
 
 def _entries(
     objective: Objective, eng: Engine, method: str, num_samples: int, seed: int, chunk: int, log: _Progress
-) -> dict[str, LayerDiag]:
-    out: dict[str, LayerDiag] = {}
-    for pos, (name, p) in enumerate(zip(objective.names, objective.primals)):
+) -> tuple[dict[str, LayerDiag], Engine, str | None]:
+    """Entries of every selected parameter; returns them, the engine used and why it fell back (if it did)."""
+    indices = []
+    for name, p in zip(objective.names, objective.primals):
         if method == "sampled":
-            idx = sample_indices(p.numel(), num_samples, seed, name).to(p.device)
+            indices.append(sample_indices(p.numel(), num_samples, seed, name).to(p.device))
         else:
-            idx = torch.arange(p.numel(), device=p.device)
-        total = torch.zeros(idx.numel(), dtype=torch.float64, device=p.device)
-        for c in range(len(objective)):
-            total += eng.diagonal_entries(objective.of(c, pos), p, idx, chunk).detach().to(torch.float64)
-        values = (total / len(objective)).cpu()
+            indices.append(torch.arange(p.numel(), device=p.device))
+    totals = [torch.zeros(i.numel(), dtype=torch.float64, device=i.device) for i in indices]
+    fallback = None
+    for c in range(len(objective)):
+        if isinstance(eng, TangentAdjointEngine):
+            try:
+                blocks = eng.entries(lambda ps, c=c: objective(c, ps), objective.primals, indices, chunk)
+            except CaptureError as err:
+                fallback = f"{eng.name} cannot record this loss ({err}); used the generic engine"
+                chunk = max(1, int(chunk * eng.bytes_per_tangent))
+                eng = get_engine("auto_generic", method, objective.primals[0].device.type)
+                chunk = max(1, int(chunk / eng.bytes_per_tangent))
+                log(fallback)
+        if not isinstance(eng, TangentAdjointEngine):
+            blocks = [
+                eng.diagonal_entries(objective.of(c, pos), p, idx, chunk)
+                for pos, (p, idx) in enumerate(zip(objective.primals, indices))
+            ]
+        for total, block in zip(totals, blocks):
+            total += block.detach().to(torch.float64)
+        log(f"closure {c + 1}/{len(objective)}: {sum(i.numel() for i in indices)} entries")
+    out: dict[str, LayerDiag] = {}
+    for name, p, idx, total in zip(objective.names, objective.primals, indices, totals):
         out[name] = LayerDiag(
             name=name,
             shape=tuple(p.shape),
             method=method,
-            values=values,
+            values=(total / len(objective)).cpu(),
             indices=idx.cpu() if method == "sampled" else None,
         )
-        log(f"{name}: {idx.numel()} entries")
-    return out
+    return out, eng, fallback
 
 
 def _hutchinson(

@@ -8,16 +8,18 @@ masks, other parameters, Python control flow, ``.item()`` checks) is evaluated
 eagerly and enters the graph as a constant, so models with data-dependent
 branches (Hugging Face attention masks) capture where ``make_fx`` refuses.
 
-Tensors are identified by the memory they view (storage pointer, offset, shape,
-strides, dtype), not by Python identity, because autograd may hand user code a
-different Python object for the same view. Every recorded tensor is kept alive
-while recording, so its memory cannot be reused by an unrelated constant.
+Tensors are identified by Python identity first and, where user code holds a
+different object for the same view, by the memory they view (storage pointer,
+offset, shape, strides, dtype); the first recorded tensor keeps a memory key, so
+``detach()`` (same memory, no derivative) never shadows the tensor it came from.
+Every recorded tensor is kept alive while recording, so neither its identity nor
+its memory can be reused by an unrelated constant.
 
 Example:
     >>> import torch
     >>> w = torch.randn(3, 2)
     >>> x = torch.randn(5, 2)
-    >>> g = capture(lambda p: torch.tanh(x @ p.t()).sum(), [w])
+    >>> g = capture(lambda ps: torch.tanh(x @ ps[0].t()).sum(), [w])
     >>> [str(n.func) for n in g.nodes]
     ['aten.t.default', 'aten.mm.default', 'aten.tanh.default', 'aten.sum.default']
 """
@@ -110,6 +112,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, params: Sequence[Tensor]) -> None:
         super().__init__()
         self.ids: dict[tuple, int] = {}
+        self.by_id: dict[int, int] = {}
         self.keep: list[Tensor] = []  # holds recorded tensors so their memory is not reused
         self.nodes: list[Node] = []
         self.constants: list[tuple[Tensor, int]] = []  # (tensor, version when captured)
@@ -118,13 +121,15 @@ class _Recorder(TorchDispatchMode):
     def _register(self, t: Tensor) -> int:
         i = len(self.keep)
         self.keep.append(t)
-        self.ids[_key(t)] = i
+        self.by_id[id(t)] = i
+        self.ids.setdefault(_key(t), i)
         return i
 
     def _lookup(self, a: Any) -> int | None:
         if not _tracked(a):
             return None
-        return self.ids.get(_key(a))
+        found = self.by_id.get(id(a))
+        return found if found is not None else self.ids.get(_key(a))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}

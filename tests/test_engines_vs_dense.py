@@ -9,7 +9,7 @@ from zoo import ZOO, dense_hessian_diagonals
 
 import fasthess
 
-ENGINES = ["double_backward", "fwd_rev", "fwd_fwd"]
+ENGINES = ["tangent_adjoint", "double_backward", "fwd_rev", "fwd_fwd"]
 
 _dense_cache: dict[str, tuple] = {}
 

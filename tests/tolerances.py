@@ -14,9 +14,11 @@ ENGINE_VS_DENSE = {
     (torch.float64, "double_backward"): (1e-6, 1e-9),
     (torch.float64, "fwd_rev"): (1e-6, 1e-9),
     (torch.float64, "fwd_fwd"): (1e-6, 1e-9),
+    (torch.float64, "tangent_adjoint"): (1e-6, 1e-9),
     (torch.float32, "double_backward"): (1e-3, 1e-4),
     (torch.float32, "fwd_rev"): (1e-3, 1e-4),
     (torch.float32, "fwd_fwd"): (1e-3, 1e-4),
+    (torch.float32, "tangent_adjoint"): (1e-3, 1e-4),
 }
 
 # Kernel backends against their pure-torch reference: dtype -> (rtol, atol)

@@ -7,11 +7,13 @@ from .base import Engine
 from .double_backward import DoubleBackwardEngine
 from .forward_over_forward import ForwardOverForwardEngine
 from .forward_over_reverse import ForwardOverReverseEngine
+from .tangent_adjoint import TangentAdjointEngine
 
 ENGINES: dict[str, type[Engine]] = {
     DoubleBackwardEngine.name: DoubleBackwardEngine,
     ForwardOverReverseEngine.name: ForwardOverReverseEngine,
     ForwardOverForwardEngine.name: ForwardOverForwardEngine,
+    TangentAdjointEngine.name: TangentAdjointEngine,
 }
 
 __all__ = ["ENGINES", "Engine", "get_engine"]
@@ -20,16 +22,20 @@ __all__ = ["ENGINES", "Engine", "get_engine"]
 def get_engine(name: str, method: str, device_type: str = "cpu") -> Engine:
     """The engine called ``name`` for ``method``; ``"auto"`` chooses the fastest that applies.
 
-    On the CPU the plain double-backward loop is the fastest of these generic
-    engines (measured on the demo transformer, 3600 sampled entries:
-    double_backward 29 s, fwd_rev 66 s, fwd_fwd 86 s); batching tangents with
-    vmap pays off where wide matrix products are cheap, so ``"auto"`` takes
-    ``fwd_rev`` on a GPU.
+    Sampled and exact diagonals: ``tangent_adjoint``. Hessian-vector products
+    (Hutchinson), and ``"auto_generic"`` (the fallback for losses the
+    tangent-adjoint engine cannot record): on the CPU the plain double-backward
+    loop is the fastest generic engine (measured on the demo transformer, 3600
+    sampled entries: double_backward 29 s, fwd_rev 66 s, fwd_fwd 86 s);
+    batching tangents with vmap pays off where wide matrix products are cheap,
+    so on a GPU it is ``fwd_rev``.
 
     Raises:
         BackendUnavailableError: unknown engine, or one that cannot do ``method``.
     """
-    if name == "auto":
+    if name == "auto" and method != "hutchinson":
+        name = TangentAdjointEngine.name
+    if name in ("auto", "auto_generic"):
         name = "double_backward" if device_type == "cpu" else "fwd_rev"
     if name not in ENGINES:
         raise BackendUnavailableError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)} or 'auto'")
@@ -37,6 +43,6 @@ def get_engine(name: str, method: str, device_type: str = "cpu") -> Engine:
     if method == "hutchinson" and not engine.supports_hvp:
         raise BackendUnavailableError(
             f"engine {name!r} computes only vᵀHv and cannot run method='hutchinson'; "
-            "use engine='fwd_rev' or 'double_backward'"
+            "use engine='auto', 'fwd_rev' or 'double_backward'"
         )
     return engine

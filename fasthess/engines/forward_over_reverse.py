@@ -21,7 +21,9 @@ class ForwardOverReverseEngine(Engine):
     """
 
     name = "fwd_rev"
-    bytes_per_tangent = 4.0
+    # measured on an H200: vmap(jvp(grad)) with 32 tangents on a BERT-small batch peaked at
+    # 114 GB against 0.6 GB for one gradient (~6 gradients' memory per tangent)
+    bytes_per_tangent = 6.0
 
     def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
         g = grad(f)

@@ -36,17 +36,23 @@ aten = torch.ops.aten
 
 @dataclass
 class OneHot:
-    """K directions, each a single 1 at flat ``index[k]`` of a tensor of ``shape`` (``-1``: zero direction)."""
+    """K directions, each a single 1 at flat ``index[k]`` of a tensor of ``shape`` (``-1``: zero direction).
+
+    ``lead`` are leading broadcast dimensions: the seed expanded to ``(*lead, *shape)``,
+    as ``matmul`` does to a weight before a batched product.
+    """
 
     shape: torch.Size
     index: Tensor  # (K,) int64
+    lead: tuple[int, ...] = ()
 
     def dense(self, like: Tensor) -> Tensor:
         k = self.index.numel()
-        out = like.new_zeros((k, like.numel()))
+        numel = math.prod(self.shape)
+        out = like.new_zeros((k, numel))
         valid = self.index >= 0
         out[torch.arange(k, device=like.device)[valid], self.index[valid]] = 1
-        return out.view(k, *self.shape)
+        return out.view(k, *self.shape).expand(k, *self.lead, *self.shape)
 
 
 Tangent = Union[Tensor, OneHot, None]
@@ -135,7 +141,11 @@ def view_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Ten
     (t,) = [t for t in tans if t is not None]
     shape = node.out_shapes[0]
     if isinstance(t, OneHot):
-        return [OneHot(shape, t.index)], None  # row-major order is unchanged by a reshape
+        if not t.lead:
+            return [OneHot(shape, t.index)], None  # row-major order is unchanged by a reshape
+        if tuple(shape) == (*t.lead, *t.shape):
+            return [t], None
+        t = t.dense(primal[0])
     return [t.reshape(t.shape[0], *shape)], None
 
 
@@ -146,6 +156,11 @@ def unary_linear_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: 
         return generic_rule(node, primal, tans, lams)
     (p,) = pos
     t = tans[p]
+    if isinstance(t, OneHot) and node.func is aten.expand.default and not t.lead:
+        shape = node.out_shapes[0]
+        n = len(t.shape)
+        if tuple(shape[len(shape) - n :]) == tuple(t.shape):
+            return [OneHot(t.shape, t.index, tuple(shape[: len(shape) - n]))], None
     if isinstance(t, OneHot):
         moved = _move_one_hot(node, primal, p, t)
         if moved is not None:
@@ -156,7 +171,7 @@ def unary_linear_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: 
 
 def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any] | None:
     """Follow a one-hot seed through a pure data-movement op; ``None`` where it stops being one-hot."""
-    if node.func not in _MOVES:
+    if node.func not in _MOVES or t.lead:
         return None
     key = ("one_hot_map", p)
     if key not in node.cache:
@@ -276,7 +291,7 @@ def mul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tens
         out = term if out is None else out + term
     contribution = None
     if ta is not None and tb is not None and lams[0] is not None:
-        contribution = 2 * _k_sum(lams[0] * _align(ta, ndim) * _align(tb, ndim))
+        contribution = 2 * _k_sum((_align(ta, ndim) * _align(tb, ndim)).mul_(lams[0]))
     shape = node.out_shapes[0]
     if tuple(out.shape[1:]) != tuple(shape):
         out = out.expand(out.shape[0], *shape)
@@ -320,9 +335,9 @@ def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
     t1, t2 = tans[p1], tans[p2]
     tb = tans[0] if bias is not None else None
     out = None
-    if isinstance(t2, OneHot) and t1 is None:
+    if isinstance(t2, OneHot) and t1 is None and (not t2.lead or m1.dim() == 3):
         out = _one_hot_right(m1, t2) * alpha if alpha != 1 else _one_hot_right(m1, t2)
-    elif isinstance(t1, OneHot) and t2 is None:
+    elif isinstance(t1, OneHot) and t2 is None and (not t1.lead or m2.dim() == 3):
         out = _one_hot_left(t1, m2) * alpha if alpha != 1 else _one_hot_left(t1, m2)
     else:
         t1, t2 = _densify(t1, m1), _densify(t2, m2)
@@ -330,39 +345,46 @@ def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
             out = torch.matmul(t1, m2)
         if t2 is not None:
             term = torch.matmul(m1, t2)
-            out = term if out is None else out + term
+            out = term if out is None else out.add_(term)
         if alpha != 1 and out is not None:
             out = out * alpha
     contribution = None
     if t1 is not None and t2 is not None and lams[0] is not None:
-        contribution = 2 * alpha * _k_sum(lams[0] * torch.matmul(t1, t2))
+        # ⟨λ, ṫ1 ṫ2⟩ = ⟨ṫ1, λ ṫ2ᵀ⟩: take whichever product has the smaller result
+        if t1.shape[-1] < t2.shape[-1]:
+            contribution = 2 * alpha * _k_sum(t1 * torch.matmul(lams[0], t2.transpose(-1, -2)))
+        else:
+            contribution = 2 * alpha * _k_sum(lams[0] * torch.matmul(t1, t2))
     if tb is not None:
         tb = _densify(tb, bias)
         shape = node.out_shapes[0]
-        term = _align(tb, len(shape)) * beta
-        out = term.expand(term.shape[0], *shape) if out is None else out + term
+        term = _align(tb, len(shape))
+        term = term * beta if beta != 1 else term
+        out = term.expand(term.shape[0], *shape) if out is None else out.add_(term)
     return [out], contribution
 
 
 def _one_hot_right(m1: Tensor, seed: OneHot) -> Tensor:
-    """``m1 @ E_k`` for one-hot ``E_k`` of shape (k, n): column ``c`` gets ``m1[:, r]``."""
+    """``m1 @ E_k`` for one-hot ``E_k`` of shape (i, n), m1 ``(..., M, i)``: column ``c`` gets ``m1[..., r]``."""
     k = seed.index.numel()
     n = seed.shape[-1]
-    out = m1.new_zeros((k, m1.shape[0], n))
+    out = m1.new_zeros((k, *m1.shape[:-1], n))
     valid = seed.index >= 0
     rows, cols = seed.index[valid] // n, seed.index[valid] % n
-    out[torch.arange(k, device=m1.device)[valid], :, cols] = m1[:, rows].t()
+    # advanced indices around a slice go first: the target is (V, *m1.shape[:-1])
+    out[(torch.arange(k, device=m1.device)[valid], Ellipsis, cols)] = m1[..., rows].movedim(-1, 0)
     return out
 
 
 def _one_hot_left(seed: OneHot, m2: Tensor) -> Tensor:
-    """``E_k @ m2`` for one-hot ``E_k`` of shape (m, k): row ``r`` gets ``m2[c, :]``."""
+    """``E_k @ m2`` for one-hot ``E_k`` of shape (m, i), m2 ``(..., i, N)``: row ``r`` gets ``m2[..., c, :]``."""
     k = seed.index.numel()
     m, inner = seed.shape
-    out = m2.new_zeros((k, m, m2.shape[1]))
+    out = m2.new_zeros((k, *m2.shape[:-2], m, m2.shape[-1]))
     valid = seed.index >= 0
     rows, cols = seed.index[valid] // inner, seed.index[valid] % inner
-    out[torch.arange(k, device=m2.device)[valid], rows, :] = m2[cols, :]
+    target = out.movedim(-2, 1)  # (K, m, ..., N) view
+    target[torch.arange(k, device=m2.device)[valid], rows] = m2[..., cols, :].movedim(-2, 0)
     return out
 
 
@@ -433,25 +455,33 @@ def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: lis
     if tans[0] is None or any(t is not None for t in tans[1:]):
         return generic_rule(node, primal, tans, lams)
     t = _densify(tans[0], primal[0])
-    d1, d2 = _pointwise(node, primal)
-    contribution = _k_sum(lams[0] * d2 * t * t) if lams[0] is not None else None
-    return [d1 * t], contribution
+    if "d1" not in node.cache:  # primal-only factors, shared by every chunk and layer
+        d1, d2 = _pointwise(node, primal)
+        node.cache["d1"] = d1
+        node.cache["w2"] = lams[0] * d2 if lams[0] is not None else None
+    w2 = node.cache["w2"]
+    contribution = _k_sum(t * t * w2) if w2 is not None else None
+    return [node.cache["d1"] * t], contribution
 
 
 # ----------------------------------------------------------------------------- softmax family
 
 
 def softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """ṗ = p⊙c with c = ẋ − ⟨p, ẋ⟩; second-order term ṗ⊙c − p⟨ṗ, ẋ⟩ (⟨·,·⟩ along ``dim``)."""
     x, dim = primal[0], primal[1]
     t = _densify(tans[0], x)
-    p = torch.softmax(x, dim)
-    d = dim % x.dim() + 1
-    centred = t - (p * t).sum(d, keepdim=True)
+    d = dim % x.dim()
+    if "p" not in node.cache:
+        p = torch.softmax(x, d)
+        node.cache["p"] = p
+        node.cache["lp"] = (lams[0] * p).sum(d, keepdim=True) if lams[0] is not None else None
+    p, lp = node.cache["p"], node.cache["lp"]
+    centred = t - (p * t).sum(d + 1, keepdim=True)
     tp = p * centred
     contribution = None
-    if lams[0] is not None:
-        q = tp * centred - p * (tp * t).sum(d, keepdim=True)
-        contribution = _k_sum(lams[0] * q)
+    if lp is not None:
+        contribution = _k_sum(tp * centred * lams[0]) - _k_sum(lp * (tp * t).sum(d + 1, keepdim=True))
     return [tp], contribution
 
 

@@ -93,15 +93,20 @@ class TangentAdjointEngine(Engine):
         graph = capture(f, params)
         values, adjoints = _primal_and_adjoints(graph, params)
         out = []
-        for pos, idx in enumerate(indices):
-            result = torch.zeros(idx.numel(), dtype=params[pos].dtype, device=params[pos].device)
-            order = graph.downstream(graph.placeholders[pos])
-            for start in range(0, idx.numel(), max(1, chunk_size)):
-                chunk = idx[start : start + chunk_size]
-                result[start : start + chunk.numel()] = _directional(graph, order, values, adjoints, pos, params[pos], chunk)
-            out.append(result)
-            if log is not None:
-                log(f"parameter {pos}: {idx.numel()} entries")
+        # No autograd in the tangent passes: constants such as unselected parameters
+        # require grad, and a recorded graph would keep every tangent alive.
+        with torch.no_grad():
+            for pos, idx in enumerate(indices):
+                result = torch.zeros(idx.numel(), dtype=params[pos].dtype, device=params[pos].device)
+                order = graph.downstream(graph.placeholders[pos])
+                for start in range(0, idx.numel(), max(1, chunk_size)):
+                    chunk = idx[start : start + chunk_size]
+                    result[start : start + chunk.numel()] = _directional(
+                        graph, order, values, adjoints, pos, params[pos], chunk
+                    )
+                out.append(result)
+                if log is not None:
+                    log(f"parameter {pos}: {idx.numel()} entries")
         return out
 
 
