@@ -17,7 +17,14 @@ from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
 from .kernels.hutchinson import hutchinson_update_
 from .layers import LayerSpec, resolve_parameters
-from .objective import Objective, auto_chunk_size, check_training_mode, describe_environment
+from .objective import (
+    LossCheck,
+    Objective,
+    auto_chunk_size,
+    available_memory_bytes,
+    check_training_mode,
+    describe_environment,
+)
 from .result import DiagResult, LayerDiag
 from .sampling import probes, sample_indices
 
@@ -79,7 +86,10 @@ def diag(
         probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
         max_exact_entries: refuse ``method="exact"`` above this many entries in
             total (each costs about one forward pass); raise it to go bigger.
-        memory_budget: bytes a batched pass may use (default: half of free memory).
+        memory_budget: bytes the batched tangents of one pass may use (default:
+            for ``tangent_adjoint``, the activation memory of one gradient, so
+            the whole computation stays within about two gradients' memory;
+            for the other engines, half of free memory).
         allow_training_mode: measure even with dropout / batch norm in training
             mode (the loss is then random or uses batch statistics).
         on_nonfinite: ``"raise"`` on NaN/Inf entries, or ``"keep"`` them (recorded
@@ -135,13 +145,17 @@ def diag(
                 )
         sizes = [p.numel() if method == "exact" else min(p.numel(), num_samples) for p in objective.primals]
         per_pass = num_probes if method == "hutchinson" else max(sizes)
-        chunk = chunk_size or auto_chunk_size(loss_check, per_pass, eng.bytes_per_tangent, device, memory_budget)
+        if memory_budget is None:
+            memory_budget = eng.default_budget(loss_check, available_memory_bytes(device), device.type)
+        chunk = chunk_size or auto_chunk_size(
+            loss_check, per_pass, eng.per_tangent_bytes(loss_check), device, memory_budget
+        )
         log = _Progress(progress)
         fallback = None
         if method == "hutchinson":
             layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
         else:
-            layer_results, eng, fallback = _entries(objective, eng, method, num_samples, seed, chunk, log)
+            layer_results, eng, fallback = _entries(objective, eng, method, num_samples, seed, chunk, loss_check, log)
             used_backend = "torch"
     seconds = time.perf_counter() - start
 
@@ -188,7 +202,14 @@ class _Progress:
 
 
 def _entries(
-    objective: Objective, eng: Engine, method: str, num_samples: int, seed: int, chunk: int, log: _Progress
+    objective: Objective,
+    eng: Engine,
+    method: str,
+    num_samples: int,
+    seed: int,
+    chunk: int,
+    check: LossCheck,
+    log: _Progress,
 ) -> tuple[dict[str, LayerDiag], Engine, str | None]:
     """Entries of every selected parameter; returns them, the engine used and why it fell back (if it did)."""
     indices = []
@@ -205,9 +226,9 @@ def _entries(
                 blocks = eng.entries(lambda ps, c=c: objective(c, ps), objective.primals, indices, chunk)
             except CaptureError as err:
                 fallback = f"{eng.name} cannot record this loss ({err}); used the generic engine"
-                chunk = max(1, int(chunk * eng.bytes_per_tangent))
+                per_tangent = eng.per_tangent_bytes(check)
                 eng = get_engine("auto_generic", method, objective.primals[0].device.type)
-                chunk = max(1, int(chunk / eng.bytes_per_tangent))
+                chunk = max(1, chunk * per_tangent // eng.per_tangent_bytes(check))
                 log(fallback)
         if not isinstance(eng, TangentAdjointEngine):
             blocks = [

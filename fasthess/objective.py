@@ -228,30 +228,29 @@ class Objective:
 # Wider batches bought nothing in measurements (32 vs 200 tangents, same time)
 # while their allocations cost page faults; larger chunks remain available by hand.
 MAX_AUTO_CHUNK = 32
-# On a CPU, a batched tangent of one activation should stay around cache/allocator
-# friendly sizes: the tangent-adjoint engine on a BERT-small layer (batch 8) took
-# 0.25 s/entry at 1-4 directions per pass and 0.8 s/entry at 8 (page faults of
-# fresh large allocations); the per-direction work is large enough already.
-CPU_TANGENT_BYTES = 64 * 2**20
 
 
 def auto_chunk_size(
     check: LossCheck,
     num_tangents: int,
-    bytes_per_tangent_factor: float,
+    per_tangent_bytes: int,
     device: torch.device,
     memory_budget: int | None,
 ) -> int:
-    """How many tangents to push through one batched pass without exceeding memory.
+    """How many tangents to push through one batched pass within ``memory_budget`` bytes.
 
-    Each batched tangent costs about ``factor`` times the activation memory of one
-    forward pass (the tangent copies of the saved activations).
+    Args:
+        check: what one gradient evaluation of the loss cost.
+        num_tangents: tangents wanted in all (no chunk is larger).
+        per_tangent_bytes: the engine's estimate of one batched tangent's memory.
+        device: where the computation runs.
+        memory_budget: bytes for the batched tangents (default: half of free memory).
 
     Raises:
         MemoryRiskError: even a single tangent would not fit.
     """
     available = available_memory_bytes(device)
-    per_tangent = max(1, int(bytes_per_tangent_factor * max(check.saved_bytes, 1)))
+    per_tangent = max(1, int(per_tangent_bytes))
     budget = memory_budget if memory_budget is not None else available // 2
     if per_tangent > available:
         raise MemoryRiskError(
@@ -259,10 +258,7 @@ def auto_chunk_size(
             "is free. Split the batch into micro-batches (loss=[closure_1, closure_2, ...]) or pass "
             "a smaller batch."
         )
-    chunk = min(num_tangents, MAX_AUTO_CHUNK, budget // per_tangent)
-    if device.type == "cpu" and check.largest_saved_bytes > 0:
-        chunk = min(chunk, CPU_TANGENT_BYTES // check.largest_saved_bytes)
-    return int(max(1, chunk))
+    return int(max(1, min(num_tangents, MAX_AUTO_CHUNK, budget // per_tangent)))
 
 
 def describe_environment() -> dict[str, Any]:

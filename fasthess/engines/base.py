@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from ..objective import LossCheck
+
 ScalarFn = Callable[[Tensor], Tensor]
 MultiFn = Callable[..., Tensor]
 
@@ -23,6 +25,14 @@ class Engine:
     name: ClassVar[str] = "base"
     supports_hvp: ClassVar[bool] = True
     bytes_per_tangent: ClassVar[float] = 3.0
+
+    def per_tangent_bytes(self, check: LossCheck) -> int:
+        """Memory of one batched tangent, from what one gradient evaluation saved."""
+        return int(self.bytes_per_tangent * max(check.saved_bytes, 1))
+
+    def default_budget(self, check: LossCheck, available: int, device_type: str) -> int:
+        """Bytes the batched tangents may take when the caller gives no ``memory_budget``."""
+        return available // 2
 
     def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
         """Exact ``H[i, i]`` of ``f`` at ``p`` for flat ``indices``.

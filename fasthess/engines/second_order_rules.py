@@ -43,16 +43,19 @@ class OneHot:
     """
 
     shape: torch.Size
-    index: Tensor  # (K,) int64
+    index: Tensor  # (K,) int64, on the tensor's device
+    dtype: torch.dtype
     lead: tuple[int, ...] = ()
 
-    def dense(self, like: Tensor) -> Tensor:
+    def dense(self) -> Tensor:
         k = self.index.numel()
-        numel = math.prod(self.shape)
-        out = like.new_zeros((k, numel))
+        out = torch.zeros((k, math.prod(self.shape)), dtype=self.dtype, device=self.index.device)
         valid = self.index >= 0
-        out[torch.arange(k, device=like.device)[valid], self.index[valid]] = 1
+        out[torch.arange(k, device=out.device)[valid], self.index[valid]] = 1
         return out.view(k, *self.shape).expand(k, *self.lead, *self.shape)
+
+    def moved(self, shape: torch.Size, index: Tensor, lead: tuple[int, ...] = ()) -> OneHot:
+        return OneHot(shape, index, self.dtype, lead)
 
 
 Tangent = Union[Tensor, OneHot, None]
@@ -70,8 +73,8 @@ def _align(t: Tensor, ndim: int) -> Tensor:
     return t.reshape(t.shape[0], *([1] * missing), *t.shape[1:]) if missing > 0 else t
 
 
-def _densify(t: Tangent, like: Any) -> Tangent:
-    return t.dense(like) if isinstance(t, OneHot) else t
+def _densify(t: Tangent) -> Tangent:
+    return t.dense() if isinstance(t, OneHot) else t
 
 
 def _unflatten_call(node: Node, flat: Sequence[Any]) -> Any:
@@ -103,7 +106,7 @@ def _outputs(node: Node, out: Any) -> list[Tensor | None]:
 def generic_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     """Any op: tangent by ``jvp``, second-order term by ``jvp`` of ``jvp``, on this op alone."""
     pos = [i for i, t in enumerate(tans) if t is not None]
-    dense = [_densify(tans[i], primal[i]) for i in pos]
+    dense = [_densify(tans[i]) for i in pos]
     xs = [primal[i] for i in pos]
     keep = [j for j, i in enumerate(node.out_ids) if i is not None]
 
@@ -142,10 +145,10 @@ def view_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Ten
     shape = node.out_shapes[0]
     if isinstance(t, OneHot):
         if not t.lead:
-            return [OneHot(shape, t.index)], None  # row-major order is unchanged by a reshape
+            return [t.moved(shape, t.index)], None  # row-major order is unchanged by a reshape
         if tuple(shape) == (*t.lead, *t.shape):
             return [t], None
-        t = t.dense(primal[0])
+        t = t.dense()
     return [t.reshape(t.shape[0], *shape)], None
 
 
@@ -160,12 +163,12 @@ def unary_linear_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: 
         shape = node.out_shapes[0]
         n = len(t.shape)
         if tuple(shape[len(shape) - n :]) == tuple(t.shape):
-            return [OneHot(t.shape, t.index, tuple(shape[: len(shape) - n]))], None
+            return [t.moved(t.shape, t.index, tuple(shape[: len(shape) - n]))], None
     if isinstance(t, OneHot):
         moved = _move_one_hot(node, primal, p, t)
         if moved is not None:
             return moved, None
-        t = t.dense(primal[p])
+        t = t.dense()
     return _outputs(node, _vcall(node, primal, {p: t})), None
 
 
@@ -175,8 +178,8 @@ def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any]
         return None
     key = ("one_hot_map", p)
     if key not in node.cache:
-        src = primal[p]
-        ar = torch.arange(src.numel(), device=src.device).view(src.shape)
+        numel, device = math.prod(t.shape), t.index.device
+        ar = torch.arange(numel, device=device).view(t.shape)
         flat = list(primal)
         flat[p] = ar
         outs, _ = tree_flatten(_unflatten_call(node, flat))
@@ -185,8 +188,8 @@ def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any]
             if not isinstance(o, Tensor) or o.numel() != o.unique().numel():
                 maps.append(None)
                 continue
-            inverse = torch.full((src.numel(),), -1, dtype=torch.long, device=src.device)
-            inverse[o.reshape(-1)] = torch.arange(o.numel(), device=src.device)
+            inverse = torch.full((numel,), -1, dtype=torch.long, device=device)
+            inverse[o.reshape(-1)] = torch.arange(o.numel(), device=device)
             maps.append(inverse)
         node.cache[key] = maps
     maps = node.cache[key]
@@ -198,7 +201,7 @@ def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any]
             result.append(None)
             continue
         idx = torch.where(t.index >= 0, m[t.index.clamp_min(0)], -1)
-        result.append(OneHot(shape, idx))
+        result.append(t.moved(shape, idx))
     return result
 
 
@@ -224,7 +227,7 @@ _MOVES = {
 
 def add_sub_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     a, b = primal[0], primal[1]
-    ta, tb = _densify(tans[0], a), (_densify(tans[1], b) if len(tans) > 1 else None)
+    ta, tb = _densify(tans[0]), (_densify(tans[1]) if len(tans) > 1 else None)
     alpha = node_kwarg(node, primal, "alpha", 1)
     if node.func in (aten.sub.Tensor,):
         alpha = -alpha
@@ -256,7 +259,7 @@ def zero_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: lis
     flat = list(primal)
     for i, (x, t) in enumerate(zip(primal, tans)):
         if t is not None:
-            batched[i] = _densify(t, x)
+            batched[i] = _densify(t)
         elif isinstance(x, Tensor) and x.is_floating_point():
             flat[i] = torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
     return _outputs(node, _vcall(node, flat, batched)), None
@@ -266,7 +269,7 @@ def masked_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: l
     x, mask = primal[0], primal[1]
     if tans[0] is None:  # only a tensor fill value carries a tangent: rare, go generic
         return generic_rule(node, primal, tans, lams)
-    t = _densify(tans[0], x)
+    t = _densify(tans[0])
     if len(tans) > 2 and tans[2] is not None:
         return generic_rule(node, primal, tans, lams)
     return [t.masked_fill(mask, 0)], None
@@ -281,7 +284,7 @@ def detach_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
 
 def mul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     a, b = primal[0], primal[1]
-    ta, tb = _densify(tans[0], a), (_densify(tans[1], b) if len(tans) > 1 else None)
+    ta, tb = _densify(tans[0]), (_densify(tans[1]) if len(tans) > 1 else None)
     ndim = len(node.out_shapes[0])
     out = None
     if ta is not None:
@@ -304,7 +307,7 @@ def div_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tens
         if isinstance(a, Tensor) and tans[0] is not None and (len(tans) < 2 or tans[1] is None):
             return unary_linear_rule(node, primal, tans, lams)
         return generic_rule(node, primal, tans, lams)
-    ta, tb = _densify(tans[0], a), _densify(tans[1], b)
+    ta, tb = _densify(tans[0]), _densify(tans[1])
     ndim = len(node.out_shapes[0])
     if tb is None:
         return [_align(ta, ndim) / b], None
@@ -340,7 +343,7 @@ def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
     elif isinstance(t1, OneHot) and t2 is None and (not t1.lead or m2.dim() == 3):
         out = _one_hot_left(t1, m2) * alpha if alpha != 1 else _one_hot_left(t1, m2)
     else:
-        t1, t2 = _densify(t1, m1), _densify(t2, m2)
+        t1, t2 = _densify(t1), _densify(t2)
         if t1 is not None:
             out = torch.matmul(t1, m2)
         if t2 is not None:
@@ -356,7 +359,7 @@ def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
         else:
             contribution = 2 * alpha * _k_sum(lams[0] * torch.matmul(t1, t2))
     if tb is not None:
-        tb = _densify(tb, bias)
+        tb = _densify(tb)
         shape = node.out_shapes[0]
         term = _align(tb, len(shape))
         term = term * beta if beta != 1 else term
@@ -454,7 +457,7 @@ def _pointwise(node: Node, primal: list[Any]) -> tuple[Tensor, Tensor]:
 def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     if tans[0] is None or any(t is not None for t in tans[1:]):
         return generic_rule(node, primal, tans, lams)
-    t = _densify(tans[0], primal[0])
+    t = _densify(tans[0])
     if "d1" not in node.cache:  # primal-only factors, shared by every chunk and layer
         d1, d2 = _pointwise(node, primal)
         node.cache["d1"] = d1
@@ -470,7 +473,7 @@ def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: lis
 def softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     """ṗ = p⊙c with c = ẋ − ⟨p, ẋ⟩; second-order term ṗ⊙c − p⟨ṗ, ẋ⟩ (⟨·,·⟩ along ``dim``)."""
     x, dim = primal[0], primal[1]
-    t = _densify(tans[0], x)
+    t = _densify(tans[0])
     d = dim % x.dim()
     if "p" not in node.cache:
         p = torch.softmax(x, d)
@@ -487,7 +490,7 @@ def softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[
 
 def log_softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
     x, dim = primal[0], primal[1]
-    t = _densify(tans[0], x)
+    t = _densify(tans[0])
     p = torch.softmax(x, dim)
     d = dim % x.dim() + 1
     mean = (p * t).sum(d, keepdim=True)
@@ -555,3 +558,13 @@ RULES[aten.detach.default] = detach_rule
 # Ops whose rules never produce a second-order term (no adjoint needed).
 LINEAR_OPS = {op for op, r in RULES.items() if r in (view_rule, unary_linear_rule, add_sub_rule, zero_fill_rule,
                                                        masked_fill_rule, detach_rule)}
+# Bilinear ops: a second-order term only where two inputs carry tangents of the same direction.
+PAIRED_OPS = {aten.mul.Tensor, aten.mm.default, aten.bmm.default, aten.addmm.default}
+
+
+def reads_primal_inputs(node: Node) -> bool:
+    """Whether the rule of ``node`` reads the values of its recorded (parameter-dependent) inputs."""
+    rule = RULES.get(node.func, generic_rule)
+    if rule in (view_rule, detach_rule, add_sub_rule):
+        return False
+    return not (rule is unary_linear_rule and len(node.refs()) == 1)
