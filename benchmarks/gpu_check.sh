@@ -20,6 +20,6 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.
 step build 120 $py setup.py build_ext --inplace
 step tests 120 $py -m pytest -q -m gpu tests/test_gpu.py
 step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model encoder --preset paper --slow-samples 25 \
-  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-fwd_rev --out "$out"
+  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-wide,fasthess-fwd_rev --out "$out"
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \
-  --repeats 3 --methods gradient,naive,fasthess --out "$out"
+  --repeats 3 --methods gradient,naive,fasthess,fasthess-wide --out "$out"

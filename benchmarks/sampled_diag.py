@@ -215,12 +215,17 @@ def run_curvlinops(model, loss, params, indices, chunk, logits=None, X=None, y=N
     return out
 
 
-def run_fasthess(engine: str):
+def run_fasthess(engine: str, wide: bool = False):
+    """``fasthess.diag``; ``wide``: let the batched directions use half of free memory, not ~1 gradient's."""
+
     def run(model, loss, params, indices, chunk, **_) -> dict[str, torch.Tensor]:
         import fasthess
+        from fasthess.objective import available_memory_bytes
 
         full = max(idx.numel() for idx in indices.values())
-        res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine)
+        device = next(iter(params.values())).device
+        budget = available_memory_bytes(device) // 2 if wide else None
+        res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine, memory_budget=budget)
         out = {}
         for name, idx in indices.items():  # a prefix of fasthess's own sample when --slow-samples applies
             assert torch.equal(res[name].indices[: idx.numel()].to(idx.device), idx)
@@ -252,6 +257,7 @@ METHODS = {
     "torch_func": run_torch_func,
     "curvlinops": run_curvlinops,
     "fasthess": run_fasthess("auto"),
+    "fasthess-wide": run_fasthess("auto", wide=True),
     "fasthess-fwd_fwd": run_fasthess("fwd_fwd"),
     "fasthess-fwd_rev": run_fasthess("fwd_rev"),
     "fasthess-double_backward": run_fasthess("double_backward"),

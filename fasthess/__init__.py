@@ -26,16 +26,19 @@ from .errors import (
     TrainingModeError,
 )
 from .layers import default_parameters, resolve_parameters
+from .monitor import HessianCallback, Monitor
 from .result import DiagResult, LayerDiag
 
 __all__ = [
     "BackendUnavailableError",
     "DiagResult",
     "FasthessError",
+    "HessianCallback",
     "LayerDiag",
     "LayerNotFoundError",
     "LossError",
     "MemoryRiskError",
+    "Monitor",
     "NonFiniteCurvatureError",
     "TrainingModeError",
     "autodiff_safe",

@@ -226,10 +226,10 @@ _MOVES = {
 
 
 def add_sub_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
-    a, b = primal[0], primal[1]
+    """``a ± α b``: a Python-number or absent operand contributes no tangent (reads no values)."""
     ta, tb = _densify(tans[0]), (_densify(tans[1]) if len(tans) > 1 else None)
     alpha = node_kwarg(node, primal, "alpha", 1)
-    if node.func in (aten.sub.Tensor,):
+    if node.func is aten.sub.Tensor:
         alpha = -alpha
     ndim = len(node.out_shapes[0])
     out = None
