@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -147,10 +147,11 @@ def diag(
         per_pass = num_probes if method == "hutchinson" else max(sizes)
         if memory_budget is None:
             memory_budget = eng.default_budget(loss_check, available_memory_bytes(device), device.type)
-        chunk = chunk_size or auto_chunk_size(
-            loss_check, per_pass, eng.per_tangent_bytes(loss_check), device, memory_budget
-        )
         log = _Progress(progress)
+        chunk = _Chunk(
+            chunk_size or auto_chunk_size(loss_check, per_pass, eng.per_tangent_bytes(loss_check), device, memory_budget),
+            log,
+        )
         fallback = None
         if method == "hutchinson":
             layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
@@ -170,7 +171,7 @@ def diag(
         "num_probes": num_probes if method == "hutchinson" else None,
         "probe": probe if method == "hutchinson" else None,
         "num_closures": len(closures),
-        "chunk_size": chunk,
+        "chunk_size": chunk.size,
         "dtype": str(objective.primals[0].dtype),
         "loss": loss_check.loss,
         "gradient_seconds": loss_check.gradient_seconds,
@@ -201,13 +202,41 @@ class _Progress:
             print(f"[fasthess {time.perf_counter() - self.start:7.1f}s] {text}", file=sys.stderr, flush=True)
 
 
+class _Chunk:
+    """Directions per batched pass; halved, and the pass retried, when memory runs out."""
+
+    def __init__(self, size: int, log: _Progress) -> None:
+        self.size, self.log = max(1, size), log
+
+    def run(self, fn: Callable[[int], Any]) -> Any:
+        while True:
+            try:
+                return fn(self.size)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _out_of_memory(err):
+                    raise
+                if self.size == 1:
+                    raise MemoryRiskError(
+                        "out of memory with one direction per pass. Split the batch into micro-batches "
+                        "(loss=[closure_1, closure_2, ...]) or select fewer layers."
+                    ) from err
+                self.size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.log(f"out of memory: retrying with {self.size} directions per pass")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def _entries(
     objective: Objective,
     eng: Engine,
     method: str,
     num_samples: int,
     seed: int,
-    chunk: int,
+    chunk: _Chunk,
     check: LossCheck,
     log: _Progress,
 ) -> tuple[dict[str, LayerDiag], Engine, str | None]:
@@ -223,16 +252,18 @@ def _entries(
     for c in range(len(objective)):
         if isinstance(eng, TangentAdjointEngine):
             try:
-                blocks = eng.entries(lambda ps, c=c: objective(c, ps), objective.primals, indices, chunk)
+                blocks = chunk.run(
+                    lambda k, c=c: eng.entries(lambda ps: objective(c, ps), objective.primals, indices, k)
+                )
             except CaptureError as err:
                 fallback = f"{eng.name} cannot record this loss ({err}); used the generic engine"
                 per_tangent = eng.per_tangent_bytes(check)
                 eng = get_engine("auto_generic", method, objective.primals[0].device.type)
-                chunk = max(1, chunk * per_tangent // eng.per_tangent_bytes(check))
+                chunk.size = max(1, chunk.size * per_tangent // eng.per_tangent_bytes(check))
                 log(fallback)
         if not isinstance(eng, TangentAdjointEngine):
             blocks = [
-                eng.diagonal_entries(objective.of(c, pos), p, idx, chunk)
+                chunk.run(lambda k, c=c, pos=pos, p=p, idx=idx: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
                 for pos, (p, idx) in enumerate(zip(objective.primals, indices))
             ]
         for total, block in zip(totals, blocks):
@@ -256,7 +287,7 @@ def _hutchinson(
     num_probes: int,
     distribution: str,
     seed: int,
-    chunk: int,
+    chunk: _Chunk,
     backend: str,
     log: _Progress,
 ) -> tuple[dict[str, LayerDiag], str]:
@@ -266,11 +297,12 @@ def _hutchinson(
     used = backend
     done = 0
     while done < num_probes:
-        k = min(chunk, num_probes - done)
+        k = min(chunk.size, num_probes - done)
         zs = [z.to(p) for z, p in zip(probes([tuple(p.shape) for p in primals], done, k, distribution, seed), primals)]
         hzs = [torch.zeros_like(z) for z in zs]
         for c in range(len(objective)):
-            for acc, block in zip(hzs, eng.hvp(objective.of_all(c), primals, zs, chunk)):
+            blocks = chunk.run(lambda size, c=c: eng.hvp(objective.of_all(c), primals, zs, size))
+            for acc, block in zip(hzs, blocks):
                 acc += block.detach()
         for mean, m2, z, hz in zip(means, m2s, zs, hzs):
             used = hutchinson_update_(

@@ -107,3 +107,28 @@ def test_capture_records_only_parameter_dependent_ops() -> None:
     g = capture(lambda ps: torch.tanh((x * 2 + 1) @ ps[0].t()).sum(), [w])
     assert [str(n.func) for n in g.nodes] == ["aten.t.default", "aten.mm.default", "aten.tanh.default", "aten.sum.default"]
     assert g.downstream(g.placeholders[0]) == [0, 1, 2, 3]
+
+
+def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that runs out of memory is retried with half the directions: same numbers, no lost work."""
+    from fasthess.engines.tangent_adjoint import TangentAdjointEngine
+
+    model = Unusual()
+    x = torch.randn(7, 5, generator=_gen(2), dtype=torch.float64)
+    want = fasthess.diag(model, lambda: model(x), ["w"], method="exact", chunk_size=3)
+    original = TangentAdjointEngine.entries
+    sizes = []
+
+    def tight(self, f, params, indices, chunk_size, log=None):  # noqa: ANN001
+        sizes.append(chunk_size)
+        if chunk_size > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, f, params, indices, chunk_size, log)
+
+    monkeypatch.setattr(TangentAdjointEngine, "entries", tight)
+    got = fasthess.diag(model, lambda: model(x), ["w"], method="exact", chunk_size=16)
+    assert sizes == [16, 8, 4, 2] and got.meta["chunk_size"] == 2
+    torch.testing.assert_close(got["w"].values, want["w"].values, rtol=1e-12, atol=0)
+    monkeypatch.setattr(TangentAdjointEngine, "entries", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(fasthess.MemoryRiskError, match="micro-batches"):
+        fasthess.diag(model, lambda: model(x), ["w"], method="exact", chunk_size=4)
