@@ -279,7 +279,8 @@ def child(args: argparse.Namespace) -> None:
     if args.child in SLOW and args.slow_samples:
         samples = min(samples, args.slow_samples)
     indices = {n: sample_indices(p.numel(), c["samples"], 0, n)[:samples].to(args.device) for n, p in params.items()}
-    loss().item()  # warm-up, outside the memory measurement
+    with torch.no_grad():  # warm-up outside the measurement, without a graph to inflate the baseline
+        loss().item()
     peak = PeakMemory(args.device)
     times, values = [], None
     for _ in range(1 if args.child == "gradient" else args.repeats):
