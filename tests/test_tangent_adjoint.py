@@ -119,11 +119,11 @@ def test_out_of_memory_halves_the_chunk_and_retries(monkeypatch: pytest.MonkeyPa
     original = TangentAdjointEngine.entries
     sizes = []
 
-    def tight(self, f, params, indices, chunk_size, log=None):  # noqa: ANN001
+    def tight(self, f, params, indices, chunk_size):  # noqa: ANN001
         sizes.append(chunk_size)
         if chunk_size > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, f, params, indices, chunk_size, log)
+        return original(self, f, params, indices, chunk_size)
 
     monkeypatch.setattr(TangentAdjointEngine, "entries", tight)
     got = fasthess.diag(model, lambda: model(x), ["w"], method="exact", chunk_size=16)

@@ -95,7 +95,8 @@ class TangentAdjointEngine(Engine):
             # Few directions per pass are fastest on a CPU: BERT-small layers, batch 8,
             # 0.25 / 0.27 / 0.29 / 0.43 s per entry at 1 / 4 / 8 / 16 directions
             # (larger batches of fresh allocations cost page faults, not compute).
-            budget = min(budget, self.per_tangent_bytes(check) * max(1, CPU_TANGENT_BYTES // check.largest_saved_bytes))
+            directions = max(1, CPU_TANGENT_BYTES // check.largest_saved_bytes)
+            budget = min(budget, self.per_tangent_bytes(check) * directions)
         return budget
 
     def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
@@ -107,7 +108,6 @@ class TangentAdjointEngine(Engine):
         params: Sequence[Tensor],
         indices: Sequence[Tensor],
         chunk_size: int,
-        log: Callable[[str], None] | None = None,
     ) -> list[Tensor]:
         """Exact diagonal entries for several parameters of one scalar function, sharing one backward pass.
 
@@ -116,7 +116,6 @@ class TangentAdjointEngine(Engine):
             params: the point.
             indices: per parameter, ``(k_j,)`` flat indices.
             chunk_size: directions per batched tangent pass.
-            log: called with a line per finished parameter.
 
         Returns:
             per parameter, ``(k_j,)`` second derivatives.
@@ -133,14 +132,13 @@ class TangentAdjointEngine(Engine):
             for pos, idx in enumerate(indices):
                 result = torch.zeros(idx.numel(), dtype=params[pos].dtype, device=params[pos].device)
                 order = graph.downstream(graph.placeholders[pos])
+                last_use = {r: step for step, node_pos in enumerate(order) for r in graph.nodes[node_pos].refs()}
                 for start in range(0, idx.numel(), max(1, chunk_size)):
                     chunk = idx[start : start + chunk_size]
                     result[start : start + chunk.numel()] = _directional(
-                        graph, order, values, adjoints, pos, params[pos], chunk
+                        graph, order, last_use, values, adjoints, pos, params[pos], chunk
                     )
                 out.append(result)
-                if log is not None:
-                    log(f"parameter {pos}: {idx.numel()} entries")
         return out
 
 
@@ -165,18 +163,19 @@ def _primal_and_adjoints(graph: Graph, params: Sequence[Tensor]) -> tuple[dict[i
 def _directional(
     graph: Graph,
     order: list[int],
+    last_use: dict[int, int],
     values: dict[int, Tensor],
     adjoints: dict[int, Tensor],
     pos: int,
     param: Tensor,
     chunk: Tensor,
 ) -> Tensor:
-    """``e_iᵀ H e_i`` for the flat indices ``chunk`` of parameter ``pos``."""
+    """``e_iᵀ H e_i`` for the flat indices ``chunk`` of parameter ``pos``.
+
+    ``order``: the nodes downstream of the parameter; ``last_use``: value id -> the
+    last step of ``order`` that reads it (its tangent is dropped after that step).
+    """
     tangents: dict[int, object] = {graph.placeholders[pos]: OneHot(param.shape, chunk, param.dtype)}
-    last_use = {}
-    for step, node_pos in enumerate(order):
-        for r in graph.nodes[node_pos].refs():
-            last_use[r] = step
     total = torch.zeros(chunk.numel(), dtype=param.dtype, device=param.device)
     for step, node_pos in enumerate(order):
         node = graph.nodes[node_pos]
