@@ -14,6 +14,7 @@ import fasthess
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import compare_optimizers  # noqa: E402
 import theorem1_linear  # noqa: E402
 
 
@@ -45,3 +46,50 @@ def test_theorem1_driver_writes_results_and_resumes(tmp_path: Path) -> None:
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert second.stdout.count("done earlier") == 4
     assert json.loads((tmp_path / "out/results.json").read_text())["summary"] == results["summary"]
+
+
+def _tiny_table2b(tmp_path: Path) -> Path:
+    config = json.loads((ROOT / "experiments/configs/table2b.json").read_text())
+    q = config["quick"]
+    q.update(steps=6, eval_steps=[3, 6], checkpoint_every=2, repeats=2, num_samples=5)
+    q["model"].update(vocab=12, d_model=8, heads=2, enc_layers=1, dec_layers=1, ff=8)
+    q["data"].update(train_examples=32, src_len=4, tgt_len=4, batch=8, hessian_examples=16, hessian_micro_batch=8)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_compare_optimizers_table_and_resume(tmp_path: Path) -> None:
+    cfg = _tiny_table2b(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "experiments/compare_optimizers.py"), "table2b", "--config", str(cfg), "--out", str(out)]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["optimizer"], r["repeat"]): r for r in results["runs"]}
+    assert set(runs) == {("sgdm", 0), ("adam", 0), ("sgdm", 1), ("adam", 1)}
+    assert runs[("sgdm", 0)]["losses"] != runs[("sgdm", 1)]["losses"]  # repeats differ in batch order
+    layers = list(runs[("adam", 0)]["hessians"]["6"]["r_med"])
+    assert len(results["table"]) == 2 * len(layers)
+    for row in results["table"]:
+        step, layer = str(row["step"]), row["layer"]
+        ratios = [runs[("sgdm", i)]["hessians"][step]["r_med"][layer] / runs[("adam", i)]["hessians"][step]["r_med"][layer]
+                  for i in (0, 1)]
+        assert abs(row["ratio_mean"] - sum(ratios) / 2) < 1e-12
+    # a run killed after its step-4 checkpoint resumes there and ends exactly where the uninterrupted one did
+    first = runs[("adam", 1)]
+    (out / "runs" / "adam-r1.json").unlink()
+    ckpt = out / "checkpoints" / "adam-r1.pt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state"]["step"] == 6
+    data = compare_optimizers.make_data(json.loads(cfg.read_text())["quick"], 0)
+    c = json.loads(cfg.read_text())["quick"]
+    c["steps"] = 4  # recreate the state of a run stopped at step 4, then resume to 6
+    for f in (out / "runs").glob("*.json"):
+        f.unlink()
+    ckpt.unlink()
+    compare_optimizers.run_repeat(c, "adam", 1, data, out)
+    (out / "runs" / "adam-r1.json").unlink()
+    c["steps"] = 6
+    resumed = compare_optimizers.run_repeat(c, "adam", 1, data, out)
+    assert resumed["losses"] == first["losses"]
+    assert resumed["hessians"]["6"] == first["hessians"]["6"]

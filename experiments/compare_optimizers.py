@@ -1,0 +1,206 @@
+"""Compare optimizers by R_med per layer, in the layout of the paper's tables.
+
+One config entry (``experiments/configs/<name>.json``, presets ``quick`` and
+``paper``) names a model, data, optimizers and schedule. Every optimizer starts
+each repeat from the same initialisation (repeats differ in their mini-batch
+order); at the configured steps ``fasthess.diag`` measures exact H_ii at 200
+sampled coordinates of every linear/attention weight on a fixed Hessian batch
+(micro-batched). The table gives, per layer, the mean (std) over repeats of R_med
+for each optimizer and of their ratio, as in Table 2 of the paper.
+
+Implemented here: Table 2(b) (seq2seq Transformer with random integer targets,
+SGD+M vs Adam), config ``table2b``. Runs are resumable: model and optimizer
+state are checkpointed every ``checkpoint_every`` steps and every finished
+Hessian evaluation is kept, so a killed run continues where it stopped.
+
+Run:
+    python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fasthess
+
+HERE = Path(__file__).resolve().parent
+
+
+class Seq2Seq(nn.Module):
+    """The translation tutorial's model: embeddings + positional encoding, nn.Transformer, a vocabulary head."""
+
+    def __init__(self, vocab: int, d_model: int, heads: int, enc_layers: int, dec_layers: int, ff: int,
+                 max_len: int) -> None:
+        super().__init__()
+        self.src_embed = nn.Embedding(vocab, d_model)
+        self.tgt_embed = nn.Embedding(vocab, d_model)
+        pos = torch.arange(max_len)[:, None] * torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
+        self.register_buffer("pe", pe)
+        self.scale = math.sqrt(d_model)
+        self.transformer = nn.Transformer(d_model, heads, enc_layers, dec_layers, ff, dropout=0.1, batch_first=True)
+        self.generator = nn.Linear(d_model, vocab)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
+        s = self.src_embed(src) * self.scale + self.pe[: src.shape[1]]
+        t = self.tgt_embed(tgt_in) * self.scale + self.pe[: tgt_in.shape[1]]
+        return self.generator(self.transformer(s, t, tgt_mask=causal, tgt_is_causal=True))
+
+
+BOS = 0
+
+
+def make_data(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random source sentences and random integer targets (the paper's random-target variant)."""
+    g = torch.Generator().manual_seed(seed)
+    m, d = cfg["model"], cfg["data"]
+    n = d["train_examples"]
+    return {
+        "src": torch.randint(1, m["vocab"], (n, d["src_len"]), generator=g),
+        "tgt": torch.randint(1, m["vocab"], (n, d["tgt_len"]), generator=g),
+    }
+
+
+def seq2seq_loss(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS), tgt[:, :-1]], 1)
+    logits = model(src, tgt_in)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+
+
+def make_optimizer(spec: dict, params) -> torch.optim.Optimizer:
+    kind = spec["type"]
+    wd = spec.get("weight_decay", 0.0)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0), weight_decay=wd)
+    if kind in ("adam", "amsgrad"):
+        return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec.get("betas", (0.9, 0.999))),
+                                weight_decay=wd, amsgrad=kind == "amsgrad")
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0), weight_decay=wd)
+    if kind == "adagrad":
+        return torch.optim.Adagrad(params, lr=spec["lr"], weight_decay=wd)
+    raise ValueError(f"unknown optimizer type {kind!r}; choose sgd, adam, amsgrad, rmsprop or adagrad")
+
+
+def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> dict:
+    """Train one optimizer for one repeat (resuming from its checkpoint) and measure the Hessians."""
+    record_path = out / "runs" / f"{opt_name}-r{repeat}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    ckpt_path = out / "checkpoints" / f"{opt_name}-r{repeat}.pt"
+    torch.manual_seed(cfg["seed"])  # the same initialisation for every optimizer and repeat
+    m = cfg["model"]
+    model = Seq2Seq(m["vocab"], m["d_model"], m["heads"], m["enc_layers"], m["dec_layers"], m["ff"],
+                    max(cfg["data"]["src_len"], cfg["data"]["tgt_len"]))
+    opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
+    state = {"step": 0, "losses": [], "hessians": {}}
+    if ckpt_path.exists():
+        saved = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    n_h = cfg["data"]["hessian_examples"]
+    mb = cfg["data"]["hessian_micro_batch"]
+    hess_loss = [lambda s=s: seq2seq_loss(model, data["src"][s : s + mb], data["tgt"][s : s + mb]) for s in range(0, n_h, mb)]
+    batch = cfg["data"]["batch"]
+    start = time.perf_counter()
+    while True:
+        step = state["step"]
+        if step in cfg["eval_steps"] and str(step) not in state["hessians"]:
+            model.eval()
+            res = fasthess.diag(model, hess_loss, num_samples=cfg["num_samples"], seed=cfg["seed"])
+            state["hessians"][str(step)] = {"r_med": res.r_med(stabilized=True), "loss": res.meta["loss"]}
+            print(f"  {opt_name} r{repeat} step {step}: Hessian in {res.meta['seconds']:.1f} s", flush=True)
+        if step >= cfg["steps"]:
+            break
+        model.train()
+        g = torch.Generator().manual_seed(hash((cfg["seed"], repeat, step)) % 2**62)  # order fixed per (repeat, step)
+        idx = torch.randint(0, data["src"].shape[0], (batch,), generator=g)
+        torch.manual_seed(hash((cfg["seed"], repeat, step, 1)) % 2**62)  # dropout masks too
+        opt.zero_grad()
+        loss = seq2seq_loss(model, data["src"][idx], data["tgt"][idx])
+        loss.backward()
+        opt.step()
+        state["losses"].append(float(loss.detach()))
+        state["step"] = step + 1
+        if state["step"] % cfg["checkpoint_every"] == 0:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt_path)
+        if state["step"] % max(1, cfg["steps"] // 5) == 0:
+            recent = state["losses"][-20:]
+            print(f"  {opt_name} r{repeat} step {state['step']}/{cfg['steps']}  loss {sum(recent) / len(recent):.4f}", flush=True)
+    record = {"optimizer": opt_name, "repeat": repeat, "losses": state["losses"], "hessians": state["hessians"],
+              "seconds": time.perf_counter() - start}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record))
+    return record
+
+
+def table(records: list[dict], cfg: dict, step: int) -> list[dict]:
+    """Per layer: mean and std over repeats of each optimizer's R_med and of the first/second ratio."""
+    first, second = list(cfg["optimizers"])[:2]
+    by = {name: [r for r in records if r["optimizer"] == name] for name in (first, second)}
+    layers = list(by[first][0]["hessians"][str(step)]["r_med"])
+    rows = []
+    for layer in layers:
+        a = torch.tensor([r["hessians"][str(step)]["r_med"][layer] for r in by[first]], dtype=torch.float64)
+        b = torch.tensor([r["hessians"][str(step)]["r_med"][layer] for r in by[second]], dtype=torch.float64)
+        k = min(len(a), len(b))
+        ratio = a[:k] / b[:k]  # repeat i of both optimizers shares its mini-batch order
+        std = lambda t: float(t.std()) if t.numel() > 1 else 0.0  # noqa: E731
+        rows.append({"step": step, "layer": layer, f"{first}_mean": float(a.mean()), f"{first}_std": std(a),
+                     f"{second}_mean": float(b.mean()), f"{second}_std": std(b),
+                     "ratio_mean": float(ratio.mean()), "ratio_std": std(ratio)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", help="config name in experiments/configs/ (e.g. table2b)")
+    parser.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--config", type=Path, default=None, help="config file (default: experiments/configs/NAME.json)")
+    args = parser.parse_args()
+    config_path = args.config or HERE / "configs" / f"{args.experiment}.json"
+    cfg = json.loads(config_path.read_text())[args.preset]
+    out = args.out or Path("runs") / args.experiment
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_data(cfg, cfg["seed"])
+    records = []
+    for repeat in range(cfg["repeats"]):
+        for opt_name in cfg["optimizers"]:
+            records.append(run_repeat(cfg, opt_name, repeat, data, out))
+    first, second = list(cfg["optimizers"])[:2]
+    rows = [row for step in cfg["eval_steps"] for row in table(records, cfg, step)]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, "torch": torch.__version__,
+            "fasthess": fasthess.__version__, "python": platform.python_version(), "git_commit": commit}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {args.experiment} ({args.preset}): R_med per layer, mean (std) over {cfg['repeats']} repeats", "",
+             f"| step | layer | R_med {first} | R_med {second} | {first}/{second} |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['step']} | {r['layer']} | {r[f'{first}_mean']:.2f} ({r[f'{first}_std']:.2f}) | "
+                     f"{r[f'{second}_mean']:.2f} ({r[f'{second}_std']:.2f}) | {r['ratio_mean']:.2f} ({r['ratio_std']:.2f}) |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
