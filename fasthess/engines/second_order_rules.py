@@ -169,7 +169,48 @@ def unary_linear_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: 
         if moved is not None:
             return moved, None
         t = t.dense()
+    if p == 0 and node.func in _DIM_SHIFT:
+        args, kwargs = tree_unflatten(list(primal), node.spec)
+        out = _DIM_SHIFT[node.func](t, t.dim() - 1, *args[1:], **kwargs)
+        return (list(out) if isinstance(out, (list, tuple)) else [out]), None
     return _outputs(node, _vcall(node, primal, {p: t})), None
+
+
+def _d(dim: int, n: int) -> int:
+    """Dimension ``dim`` of a rank-``n`` primal, in its K-batched tangent."""
+    return dim % n + 1 if n else 1
+
+
+def _dims(dims: Any, n: int) -> list[int]:
+    return [_d(x, n) for x in ([dims] if isinstance(dims, int) else dims)]
+
+
+def _reduce(method: str) -> Callable[..., Tensor]:
+    def apply(t: Tensor, n: int, dims: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:
+        ds = list(range(1, n + 1)) if dims is None or len(dims) == 0 else _dims(dims, n)
+        return getattr(t, method)(ds, keepdim=keepdim, dtype=dtype)
+
+    return apply
+
+
+# Linear data-movement ops applied to a K-batched tangent directly (``vmap`` costs
+# about a millisecond a call, which dominates passes through small models).
+_DIM_SHIFT: dict[Any, Callable[..., Any]] = {
+    aten.t.default: lambda t, n: t.transpose(1, 2) if n == 2 else t,
+    aten.transpose.int: lambda t, n, a, b: t.transpose(_d(a, n), _d(b, n)),
+    aten.permute.default: lambda t, n, dims: t.permute(0, *_dims(dims, n)),
+    aten.select.int: lambda t, n, dim, index: t.select(_d(dim, n), index),
+    aten.unsqueeze.default: lambda t, n, dim: t.unsqueeze(dim % (n + 1) + 1),
+    aten.squeeze.dim: lambda t, n, dim: t.squeeze(_d(dim, n)),
+    aten.clone.default: lambda t, n, **_: t,  # tangents are never written to: no copy needed
+    aten.alias.default: lambda t, n: t,
+    aten.split.Tensor: lambda t, n, size, dim=0: t.split(size, _d(dim, n)),
+    aten.split_with_sizes.default: lambda t, n, sizes, dim=0: t.split(list(sizes), _d(dim, n)),
+    aten.unbind.int: lambda t, n, dim=0: t.unbind(_d(dim, n)),
+    aten.sum.dim_IntList: _reduce("sum"),
+    aten.mean.dim: _reduce("mean"),
+    aten.neg.default: lambda t, n: -t,
+}
 
 
 def _move_one_hot(node: Node, primal: list[Any], p: int, t: OneHot) -> list[Any] | None:
