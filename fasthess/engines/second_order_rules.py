@@ -210,6 +210,10 @@ _DIM_SHIFT: dict[Any, Callable[..., Any]] = {
     aten.sum.dim_IntList: _reduce("sum"),
     aten.mean.dim: _reduce("mean"),
     aten.neg.default: lambda t, n: -t,
+    aten.expand.default: lambda t, n, size, implicit=False: _align(t, len(size)).expand(t.shape[0], *size),
+    aten._to_copy.default: lambda t, n, **kw: t.to(
+        dtype=kw.get("dtype") or t.dtype, device=kw.get("device") or t.device
+    ),
 }
 
 
