@@ -8,8 +8,9 @@ sampled coordinates of every linear/attention weight on a fixed Hessian batch
 (micro-batched). The table gives, per layer, the mean (std) over repeats of R_med
 for each optimizer and of their ratio, as in Table 2 of the paper.
 
-Implemented here: Table 2(b) (seq2seq Transformer with random integer targets,
-SGD+M vs Adam), config ``table2b``. Runs are resumable: model and optimizer
+Implemented here: Table 2(a) (seq2seq Transformer, German→English; offline the
+``trans-de-en`` stand-in, see ``data.py``), config ``table2a``, and Table 2(b)
+(the same model with random integer targets), config ``table2b``. Runs are resumable: model and optimizer
 state are checkpointed every ``checkpoint_every`` steps and every finished
 Hessian evaluation is kept, so a killed run continues where it stopped.
 
@@ -25,6 +26,7 @@ import json
 import math
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +37,9 @@ from torch import nn
 import fasthess
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from data import BOS, PAD, build_vocab, encode, load_translation_pairs  # noqa: E402
 
 
 class Seq2Seq(nn.Module):
@@ -57,27 +62,35 @@ class Seq2Seq(nn.Module):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
         s = self.src_embed(src) * self.scale + self.pe[: src.shape[1]]
         t = self.tgt_embed(tgt_in) * self.scale + self.pe[: tgt_in.shape[1]]
-        return self.generator(self.transformer(s, t, tgt_mask=causal, tgt_is_causal=True))
-
-
-BOS = 0
+        h = self.transformer(s, t, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src == PAD,
+                             tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src == PAD)
+        return self.generator(h)
 
 
 def make_data(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Random source sentences and random integer targets (the paper's random-target variant)."""
+    """Token ids ``src``/``tgt`` of ``train_examples`` pairs: translation pairs or random integer targets."""
     g = torch.Generator().manual_seed(seed)
     m, d = cfg["model"], cfg["data"]
     n = d["train_examples"]
-    return {
-        "src": torch.randint(1, m["vocab"], (n, d["src_len"]), generator=g),
-        "tgt": torch.randint(1, m["vocab"], (n, d["tgt_len"]), generator=g),
-    }
+    if d.get("kind", "random_targets") == "random_targets":  # no padding: every token is a target
+        return {
+            "src": torch.randint(4, m["vocab"], (n, d["src_len"]), generator=g),
+            "tgt": torch.randint(4, m["vocab"], (n, d["tgt_len"]), generator=g),
+        }
+    pairs = load_translation_pairs(d["source"], d.get("path"))
+    order = torch.randperm(len(pairs), generator=g)[:n].tolist()
+    de, en = [pairs[i][0] for i in order], [pairs[i][1] for i in order]
+    if len(de) < n:
+        raise ValueError(f"{d['source']} has {len(de)} pairs; the config asks for train_examples={n}")
+    return {"src": encode(de, build_vocab(de, m["vocab"]), d["src_len"]),
+            "tgt": encode(en, build_vocab(en, m["vocab"]), d["tgt_len"])}
 
 
 def seq2seq_loss(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced cross-entropy over the target tokens (padding ignored)."""
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS), tgt[:, :-1]], 1)
     logits = model(src, tgt_in)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=PAD)
 
 
 def make_optimizer(spec: dict, params) -> torch.optim.Optimizer:

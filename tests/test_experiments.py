@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fasthess
@@ -93,3 +94,43 @@ def test_compare_optimizers_table_and_resume(tmp_path: Path) -> None:
     resumed = compare_optimizers.run_repeat(c, "adam", 1, data, out)
     assert resumed["losses"] == first["losses"]
     assert resumed["hessians"]["6"] == first["hessians"]["6"]
+
+
+def test_translation_data_from_a_dictionary_file(tmp_path: Path) -> None:
+    import data
+
+    lines = [
+        "# Version :: test\n",
+        "Haus {n} | das ist ein großes Haus [arch.] :: house | this is a big house\n",
+        "er war ein lebhaftes Kind. :: he was exuberant as a child.\n",
+        "kurz :: short\n",
+    ]
+    path = tmp_path / "de-en"
+    path.write_text("".join(lines), encoding="utf-8")
+    pairs = data.load_translation_pairs("trans-de-en", str(path))
+    assert pairs == [("das ist ein großes haus", "this is a big house"),
+                     ("er war ein lebhaftes kind.", "he was exuberant as a child.")]
+    vocab = data.build_vocab([p[1] for p in pairs], size=20)
+    assert list(vocab)[:5] == [*data.SPECIALS, "a"] and len(vocab) == 4 + 11  # "a" is the most frequent
+    ids = data.encode(["this is a zebra"], vocab, length=6)
+    assert ids.tolist() == [[vocab["this"], vocab["is"], vocab["a"], data.UNK, data.EOS, data.PAD]]
+    with pytest.raises(data.DataUnavailableError, match="get_data.sh"):
+        data.load_translation_pairs("trans-de-en", str(tmp_path / "missing"))
+
+
+def test_compare_optimizers_on_translation_pairs(tmp_path: Path) -> None:
+    """Padding is masked and ignored: the loss of a batch does not depend on what the padding holds."""
+    path = tmp_path / "de-en"
+    path.write_text("".join(f"das ist satz nummer {i} hier :: this is sentence number {i} here\n" for i in range(40)))
+    cfg = json.loads((ROOT / "experiments/configs/table2a.json").read_text())["quick"]
+    cfg["model"].update(vocab=40, d_model=8, heads=2, enc_layers=1, dec_layers=1, ff=8)
+    cfg["data"].update(path=str(path), train_examples=32, src_len=9, tgt_len=9)
+    d = compare_optimizers.make_data(cfg, 0)
+    assert d["src"].shape == (32, 9) and (d["src"] == 0).any() and (d["tgt"][:, -1] == 0).all()
+    torch.manual_seed(0)
+    m = cfg["model"]
+    model = compare_optimizers.Seq2Seq(m["vocab"], m["d_model"], m["heads"], 1, 1, m["ff"], 9).eval()
+    base = compare_optimizers.seq2seq_loss(model, d["src"][:4], d["tgt"][:4])
+    model.src_embed.weight.data[0] += 5.0  # the padding embedding: masked out of attention
+    model.tgt_embed.weight.data[0] += 5.0
+    torch.testing.assert_close(compare_optimizers.seq2seq_loss(model, d["src"][:4], d["tgt"][:4]), base)
