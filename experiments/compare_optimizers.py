@@ -59,7 +59,8 @@ class Seq2Seq(nn.Module):
         self.generator = nn.Linear(d_model, vocab)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
+        n = tgt_in.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=tgt_in.device).triu(1)  # bool, like the padding masks
         s = self.src_embed(src) * self.scale + self.pe[: src.shape[1]]
         t = self.tgt_embed(tgt_in) * self.scale + self.pe[: tgt_in.shape[1]]
         h = self.transformer(s, t, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src == PAD,
@@ -191,6 +192,7 @@ def main() -> None:
     cfg = json.loads(config_path.read_text())[args.preset]
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     data = make_data(cfg, cfg["seed"])
     records = []
     for repeat in range(cfg["repeats"]):
@@ -198,7 +200,6 @@ def main() -> None:
             records.append(run_repeat(cfg, opt_name, repeat, data, out))
     first, second = list(cfg["optimizers"])[:2]
     rows = [row for step in cfg["eval_steps"] for row in table(records, cfg, step)]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, "torch": torch.__version__,
             "fasthess": fasthess.__version__, "python": platform.python_version(), "git_commit": commit}
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/theorem1"))
     args = parser.parse_args()
     cfg = json.loads(args.config.read_text())[args.preset]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.out / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -122,7 +123,7 @@ def main() -> None:
               f"R_med W1 {last['r_med_1']:.2f}  w2 {last['r_med_2']:.2f}  ({run['seconds']:.0f} s)", flush=True)
 
     rows = summarise(runs, cfg)
-    write_outputs(args.out, cfg, args.preset, runs, rows)
+    write_outputs(args.out, cfg, args.preset, runs, rows, commit)
 
 
 def summarise(runs: list[dict], cfg: dict) -> list[dict]:
@@ -145,8 +146,7 @@ def summarise(runs: list[dict], cfg: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: list[dict], commit: str) -> None:
     meta = {"preset": preset, "config": cfg, "torch": torch.__version__, "fasthess": fasthess.__version__,
             "python": platform.python_version(), "git_commit": commit}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
