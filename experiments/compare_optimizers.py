@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from data import BOS, PAD, build_vocab, encode, load_translation_pairs  # noqa: E402
+from optimizers import make_optimizer  # noqa: E402
 
 
 class Seq2Seq(nn.Module):
@@ -92,21 +93,6 @@ def seq2seq_loss(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor) -> torc
     tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS), tgt[:, :-1]], 1)
     logits = model(src, tgt_in)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=PAD)
-
-
-def make_optimizer(spec: dict, params) -> torch.optim.Optimizer:
-    kind = spec["type"]
-    wd = spec.get("weight_decay", 0.0)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0), weight_decay=wd)
-    if kind in ("adam", "amsgrad"):
-        return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec.get("betas", (0.9, 0.999))),
-                                weight_decay=wd, amsgrad=kind == "amsgrad")
-    if kind == "rmsprop":
-        return torch.optim.RMSprop(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0), weight_decay=wd)
-    if kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=spec["lr"], weight_decay=wd)
-    raise ValueError(f"unknown optimizer type {kind!r}; choose sgd, adam, amsgrad, rmsprop or adagrad")
 
 
 def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> dict:

@@ -38,6 +38,9 @@ from torch import nn
 import fasthess
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from optimizers import make_optimizer  # noqa: E402
 
 
 class TwoLayerLinear(nn.Module):
@@ -57,12 +60,12 @@ def population_loss(model: TwoLayerLinear, target: torch.Tensor) -> torch.Tensor
     return 0.5 * (model.end_to_end() - target).pow(2).sum()
 
 
-def make_optimizer(name: str, params, cfg: dict) -> torch.optim.Optimizer:
+def optimizer_spec(name: str, cfg: dict) -> dict:
     if name == "sgdm":
-        return torch.optim.SGD(params, lr=cfg["lr_sgdm"], momentum=cfg["momentum"])
+        return {"type": "sgd", "lr": cfg["lr_sgdm"], "momentum": cfg["momentum"]}
     if name == "adam":  # the theorem's Adam has β2 = β1²
         beta1 = cfg["adam_beta1"]
-        return torch.optim.Adam(params, lr=cfg["lr_adam"], betas=(beta1, beta1**2), eps=cfg["adam_eps"])
+        return {"type": "adam", "lr": cfg["lr_adam"], "betas": [beta1, beta1**2], "eps": cfg["adam_eps"]}
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -71,7 +74,7 @@ def run_one(d: int, optimizer: str, cfg: dict, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed * 100_003 + d)
     model = TwoLayerLinear(d, cfg["alpha"], g)
     target = torch.randn(d, generator=g, dtype=torch.float64) / math.sqrt(d)  # ‖A‖ ≈ 1
-    opt = make_optimizer(optimizer, model.parameters(), cfg)
+    opt = make_optimizer(optimizer_spec(optimizer, cfg), model.parameters())
     loss = lambda: population_loss(model, target)  # noqa: E731
     points = []
     start = time.perf_counter()
