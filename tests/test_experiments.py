@@ -134,3 +134,28 @@ def test_compare_optimizers_on_translation_pairs(tmp_path: Path) -> None:
     model.src_embed.weight.data[0] += 5.0  # the padding embedding: masked out of attention
     model.tgt_embed.weight.data[0] += 5.0
     torch.testing.assert_close(compare_optimizers.seq2seq_loss(model, d["src"][:4], d["tgt"][:4]), base)
+
+
+def test_three_optimizers_are_each_compared_with_the_reference(tmp_path: Path) -> None:
+    """Table 6 layout: RMSprop and AMSGrad each against SGD+M, on translation pairs."""
+    path = tmp_path / "de-en"
+    path.write_text("".join(f"das ist satz nummer {i} hier :: this is sentence number {i} here\n" for i in range(40)))
+    config = json.loads((ROOT / "experiments/configs/table6.json").read_text())
+    q = config["quick"]
+    q.update(steps=4, eval_steps=[4], checkpoint_every=2, repeats=1, num_samples=4)
+    q["model"].update(vocab=40, d_model=8, heads=2, enc_layers=1, dec_layers=1, ff=8)
+    q["data"].update(path=str(path), train_examples=32, src_len=9, tgt_len=9, batch=8,
+                     hessian_examples=8, hessian_micro_batch=8)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "experiments/compare_optimizers.py"), "table6", "--config", str(cfg_path),
+           "--out", str(out)]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["reference"], r["other"]) for r in results["table"]} == {("sgdm", "rmsprop"), ("sgdm", "amsgrad")}
+    runs = {r["optimizer"]: r for r in results["runs"]}
+    for row in results["table"]:
+        want = runs["sgdm"]["hessians"]["4"]["r_med"][row["layer"]] / runs[row["other"]]["hessians"]["4"]["r_med"][row["layer"]]
+        assert abs(row["ratio_mean"] - want) < 1e-12
+    assert (out / "table.md").read_text().count("| step | layer |") == 2
