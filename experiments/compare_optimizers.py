@@ -26,8 +26,6 @@ import argparse
 import csv
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ sys.path.insert(0, str(HERE))
 
 from data import BOS, PAD, build_vocab, encode, load_translation_pairs  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 class Seq2Seq(nn.Module):
@@ -187,15 +186,14 @@ def main() -> None:
     cfg = json.loads(config_path.read_text())[args.preset]
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    origin = provenance()  # taken at the start: the code that ran
     data = make_data(cfg, cfg["seed"])
     records = []
     for repeat in range(cfg["repeats"]):
         for opt_name in cfg["optimizers"]:
             records.append(run_repeat(cfg, opt_name, repeat, data, out))
     rows = [row for step in cfg["eval_steps"] for row in table(records, cfg, step)]
-    meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, "torch": torch.__version__,
-            "fasthess": fasthess.__version__, "python": platform.python_version(), "git_commit": commit}
+    meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))

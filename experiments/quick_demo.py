@@ -20,8 +20,6 @@ import argparse
 import copy
 import csv
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +30,9 @@ from torch import nn
 import fasthess
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from provenance import provenance  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -69,13 +70,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, cfg: dict, name: str) ->
     return losses
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=HERE / "configs" / "demo.json")
@@ -85,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads(args.config.read_text())
     if args.steps is not None:
         cfg["steps"] = args.steps
+    origin = provenance()  # taken at the start: the code that ran
     torch.manual_seed(cfg["seed"])
     init = Classifier(cfg["vocab"], cfg["seq_len"], cfg["d_model"], cfg["heads"], cfg["layers"], cfg["ff"])
 
@@ -121,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "config": cfg,
         "seed": cfg["seed"],
-        "git_commit": git_commit(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "fasthess": fasthess.__version__},
+        "git_commit": origin["git_commit"],
+        "versions": {k: origin[k] for k in ("python", "torch", "fasthess")},
         "final_loss": final,
         "losses": losses,
         "r_med": {"SGDM": r_sgdm, "Adam": r_adam, "ratio_SGDM_over_Adam": ratio},

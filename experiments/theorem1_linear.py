@@ -26,8 +26,6 @@ import argparse
 import csv
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from optimizers import make_optimizer  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 class TwoLayerLinear(nn.Module):
@@ -105,7 +104,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/theorem1"))
     args = parser.parse_args()
     cfg = json.loads(args.config.read_text())[args.preset]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    origin = provenance()  # taken at the start: the code that ran
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.out / "runs"
     runs_dir.mkdir(exist_ok=True)
@@ -126,7 +125,7 @@ def main() -> None:
               f"R_med W1 {last['r_med_1']:.2f}  w2 {last['r_med_2']:.2f}  ({run['seconds']:.0f} s)", flush=True)
 
     rows = summarise(runs, cfg)
-    write_outputs(args.out, cfg, args.preset, runs, rows, commit)
+    write_outputs(args.out, cfg, args.preset, runs, rows, origin)
 
 
 def summarise(runs: list[dict], cfg: dict) -> list[dict]:
@@ -149,9 +148,8 @@ def summarise(runs: list[dict], cfg: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: list[dict], commit: str) -> None:
-    meta = {"preset": preset, "config": cfg, "torch": torch.__version__, "fasthess": fasthess.__version__,
-            "python": platform.python_version(), "git_commit": commit}
+def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: list[dict], origin: dict) -> None:
+    meta = {"preset": preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
     with open(out / "rmed.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))

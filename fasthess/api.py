@@ -212,7 +212,7 @@ class _Chunk:
         while True:
             try:
                 return fn(self.size)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
                 if not _out_of_memory(err):
                     raise
                 if self.size == 1:
