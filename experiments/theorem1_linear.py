@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from optimizers import make_optimizer  # noqa: E402
+from plots import pyplot  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -174,13 +175,8 @@ def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: lis
 
 
 def plot(out: Path, cfg: dict, runs: list[dict], rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     colors = {"adam": "tab:orange", "sgdm": "tab:blue"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
