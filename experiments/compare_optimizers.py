@@ -18,6 +18,7 @@ Hessian evaluation is kept, so a killed run continues where it stopped.
 
 Run:
     python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
+    torchrun --nproc_per_node=2 experiments/compare_optimizers.py table2b --out runs/table2b  # repeats shared
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ sys.path.insert(0, str(HERE))
 
 from data import BOS, PAD, build_vocab, encode, load_translation_pairs  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
+from parallel import run_jobs  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -188,10 +190,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     origin = provenance()  # taken at the start: the code that ran
     data = make_data(cfg, cfg["seed"])
-    records = []
-    for repeat in range(cfg["repeats"]):
-        for opt_name in cfg["optimizers"]:
-            records.append(run_repeat(cfg, opt_name, repeat, data, out))
+    jobs = [(opt_name, repeat) for repeat in range(cfg["repeats"]) for opt_name in cfg["optimizers"]]
+    records = run_jobs(jobs, lambda opt_name, repeat: run_repeat(cfg, opt_name, repeat, data, out))
+    if records is None:  # torchrun: rank 0 writes the tables
+        return
     rows = [row for step in cfg["eval_steps"] for row in table(records, cfg, step)]
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
