@@ -122,6 +122,11 @@ class ShardPlan:
     Raises:
         DistributedError: a process group is given but torch.distributed is not
             initialised, or this process is not a member of it.
+
+    Example:
+        >>> plan = ShardPlan(None, "auto", "sampled", num_closures=3)  # one process: everything is local
+        >>> list(plan.closures(3)), plan.probe_range(10), plan.meta()["world_size"]
+        ([0, 1, 2], (0, 10), 1)
     """
 
     def __init__(self, process_group: Any, shard: str, method: str, num_closures: int) -> None:
@@ -297,7 +302,7 @@ class ShardPlan:
 
     def _timeout(self) -> timedelta | None:
         try:  # the group's own timeout (init_process_group / new_group(timeout=...))
-            return self.group._get_backend(torch.device("cpu")).options._timeout
+            return self.group._get_backend(self._device()).options._timeout
         except Exception:  # noqa: BLE001 - private API; fall back to torch's default
             return None
 
