@@ -71,7 +71,7 @@ _FIELDS = (
     ("shard", "shard="),
 )
 
-__all__ = ["DistributedError", "ShardPlan", "SHARDS", "unwrap_ddp"]
+__all__ = ["DistributedError", "SHARDS", "ShardPlan", "signature", "unwrap_ddp"]
 
 
 def _crc(text: str) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from tolerances import DISTRIBUTED_VS_SINGLE, assert_entries_close
+from tolerances import DISTRIBUTED_VS_SINGLE, ENGINE_VS_DENSE, assert_entries_close
 from zoo import mlp
 
 import fasthess
@@ -39,13 +39,13 @@ CASES = {
 }
 
 
-def _problem(num_closures: int = 3):
+def _problem(num_closures: int = 3, device: str = "cpu"):
     """The zoo MLP with its 11 examples as ``num_closures`` micro-batches (3 on 2 ranks: not divisible)."""
     case = mlp()
     torch.manual_seed(3)
-    x, y = torch.randn(11, 5, dtype=torch.float64), torch.randint(0, 3, (11,))
+    x, y = torch.randn(11, 5, dtype=torch.float64).to(device), torch.randint(0, 3, (11,)).to(device)
     parts = torch.arange(11).tensor_split(num_closures)
-    model = case.model
+    model = case.model.to(device)
     closures = [lambda s=s: F.cross_entropy(model(x[s]), y[s]) for s in parts]
     return model, closures, case.layers
 
@@ -56,11 +56,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, tmp_path: Path, timeout: float = 120) -> list[dict]:
-    """Run ``fn(rank, out_dir)`` on 2 gloo ranks; return what each rank saved."""
+def _spawn(fn, tmp_path: Path, timeout: float = 120, backend: str = "gloo") -> list[dict]:
+    """Run ``fn(rank, out_dir)`` on 2 ranks; return what each rank saved."""
     port = _free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(fn, r, port, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, port, str(tmp_path), backend)) for r in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -79,9 +79,11 @@ def _spawn(fn, tmp_path: Path, timeout: float = 120) -> list[dict]:
     return saved
 
 
-def _entry(fn, rank: int, port: int, out: str) -> None:
+def _entry(fn, rank: int, port: int, out: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                            timeout=datetime.timedelta(seconds=60))
     record = fn(rank, Path(out))
     torch.save(record, Path(out) / f"rank{rank}.pt")
@@ -293,3 +295,30 @@ def test_process_group_without_init_process_group() -> None:
         fasthess.diag(model, closures, layers, process_group="world")
     with pytest.raises(ValueError, match="shard"):
         fasthess.diag(model, closures, layers, shard="rows")
+
+
+# ----------------------------------------------------------------- CUDA tensors (run by benchmarks/gpu_check.sh)
+CUDA_CASES = {k: CASES[k] for k in ("sampled-closures", "exact-directions", "hutchinson-closures", "hutchinson-directions")}
+
+
+def _cuda_worker(rank: int, out_dir: Path) -> dict:
+    device = f"cuda:{rank % torch.cuda.device_count()}"  # gloo: both ranks may share one GPU
+    model, closures, layers = _problem(device=device)
+    return {name: fasthess.diag(model, closures, layers, process_group="world", **kw) for name, kw in CUDA_CASES.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_two_ranks_on_cuda_equal_one_cpu_process(backend: str, tmp_path: Path) -> None:
+    if backend == "nccl" and torch.cuda.device_count() < WORLD:
+        pytest.skip("NCCL needs a GPU per rank")
+    saved = _spawn(_cuda_worker, tmp_path, backend=backend)
+    model, closures, layers = _problem()
+    rtol, atol_rel = ENGINE_VS_DENSE[(torch.float64, "fwd_rev")]  # another device: the engines' float64 tolerance
+    for case, kw in CUDA_CASES.items():
+        want = fasthess.diag(model, closures, layers, **{k: v for k, v in kw.items() if k != "shard"})
+        for rank, got in enumerate(saved):
+            assert got[case].meta["dist_backend"] == backend and got[case].meta["shard"] == kw["shard"]
+            for name, w in want.layers.items():
+                assert_entries_close(got[case][name].values, w.values, rtol, atol_rel, f"{backend} rank {rank} {case} {name}")
