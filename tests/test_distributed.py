@@ -190,6 +190,11 @@ def _failure_worker(rank: int, out_dir: Path) -> dict:
 
     # the ranks pass different closure lists
     out["mismatch"] = run(closures if rank == 0 else closures[:3], shard="closures")
+    dist.barrier()
+    out["layers"] = _outcome(lambda: fasthess.diag(model, closures, layers if rank == 0 else layers[:2], process_group=group))
+    dist.barrier()
+    other = layers if rank == 0 else layers[:2] + ["2.weight"]
+    out["names"] = _outcome(lambda: fasthess.diag(model, closures, other, process_group=group))
 
     def failing(c):
         def f():
@@ -247,6 +252,12 @@ def test_ranks_that_disagree_raise_naming_the_mismatch(failures: list) -> None:
         got = saved["mismatch"]
         assert got["error"] == "DistributedError", got
         assert "number of loss closures" in got["message"] and "rank 0: 4, rank 1: 3" in got["message"]
+        got = saved["layers"]
+        assert got["error"] == "DistributedError", got
+        assert "number of selected layers" in got["message"] and "rank 0: 3, rank 1: 2" in got["message"]
+        got = saved["names"]
+        assert got["error"] == "DistributedError", got
+        assert "the selected layers' names" in got["message"] and "rank(s) [1] differ from rank 0" in got["message"]
 
 
 def test_a_rank_that_raises_is_named_on_the_others(failures: list) -> None:
