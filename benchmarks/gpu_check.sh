@@ -18,7 +18,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.
 }
 { nvidia-smi; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } >"$out/env.txt" 2>&1
 step build 120 $py setup.py build_ext --inplace
-step tests 120 $py -m pytest -q -m gpu tests/test_gpu.py
+step tests 120 $py -m pytest -q -m gpu tests/test_gpu.py tests/test_distributed.py
 step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model encoder --preset paper --slow-samples 25 \
   --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-wide,fasthess-fwd_rev --out "$out"
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \

@@ -25,6 +25,7 @@ those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
 
 Run:
     python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
+    torchrun --nproc_per_node=2 experiments/compare_optimizers.py table2b --out runs/table2b  # repeats shared
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from optimizers import make_optimizer  # noqa: E402
+from parallel import run_jobs  # noqa: E402
 from plots import plot_losses, plot_rmed  # noqa: E402
 from provenance import provenance  # noqa: E402
 from tasks import Seq2Seq, get_task, seq2seq_loss  # noqa: E402,F401  (Seq2Seq, seq2seq_loss: for importers)
@@ -158,8 +160,12 @@ def table(records: list[dict], cfg: dict, step: int) -> list[dict]:
     return rows
 
 
-def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]]:
-    """Every repeat of every optimizer of every variant; returns the run records and the table rows."""
+def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]] | None:
+    """Every repeat of every optimizer of every variant; returns the run records and the table rows.
+
+    Under ``torchrun`` the (optimizer, repeat) jobs are shared between the ranks
+    (:mod:`parallel`); rank 0 gets the results, the other ranks ``None``.
+    """
     variants = cfg.get("variants") or {"": {}}
     records, rows = [], []
     for variant, override in variants.items():
@@ -168,11 +174,14 @@ def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]]:
         if variant:
             print(f"variant {variant}", flush=True)
         data = make_data(vcfg, vcfg["seed"])
-        vrecords = [dict(run_repeat(vcfg, opt_name, repeat, data, vout), variant=variant)
-                    for repeat in range(vcfg["repeats"]) for opt_name in vcfg["optimizers"]]
+        jobs = [(opt_name, repeat) for repeat in range(vcfg["repeats"]) for opt_name in vcfg["optimizers"]]
+        vrecords = run_jobs(jobs, lambda opt_name, repeat: run_repeat(vcfg, opt_name, repeat, data, vout))
+        if vrecords is None:
+            continue
+        vrecords = [dict(r, variant=variant) for r in vrecords]
         records += vrecords
         rows += [dict(row, variant=variant) for step in vcfg["eval_steps"] for row in table(vrecords, vcfg, step)]
-    return records, rows
+    return (records, rows) if records else None
 
 
 def write_table(rows: list[dict], cfg: dict, title: str, out: Path) -> str:
@@ -207,7 +216,10 @@ def main() -> None:
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     origin = provenance()  # taken at the start: the code that ran
-    records, rows = run_all(cfg, out)
+    finished = run_all(cfg, out)
+    if finished is None:  # torchrun: rank 0 writes the tables
+        return
+    records, rows = finished
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
     plot_losses(records, out / "losses.png", f"{args.experiment} ({args.preset}): training loss")

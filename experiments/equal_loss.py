@@ -122,7 +122,10 @@ def main() -> None:
     eq = cfg["equal_loss"]
     reference, other = eq["reference"], eq["other"]
     snap_steps = cfg["snapshot_steps"]
-    records, _ = run_all(cfg, out)
+    finished = run_all(cfg, out)
+    if finished is None:  # torchrun: rank 0 goes on alone
+        return
+    records = finished[0]
     snaps = Snapshots(cfg, make_data(cfg, cfg["seed"]), out)
 
     pairs = []

@@ -18,6 +18,7 @@ from .api import diag
 from .decompositions import autodiff_safe
 from .errors import (
     BackendUnavailableError,
+    DistributedError,
     FasthessError,
     LayerNotFoundError,
     LossError,
@@ -32,6 +33,7 @@ from .result import DiagResult, LayerDiag
 __all__ = [
     "BackendUnavailableError",
     "DiagResult",
+    "DistributedError",
     "FasthessError",
     "HessianCallback",
     "LayerDiag",

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .decompositions import autodiff_safe
+from .distributed import ShardPlan, signature, unwrap_ddp
 from .capture import CaptureError
 from .engines import Engine, get_engine
 from .engines.tangent_adjoint import TangentAdjointEngine
@@ -53,6 +54,8 @@ def diag(
     on_nonfinite: str = "raise",
     backend: str = "auto",
     progress: bool = False,
+    process_group: Any = None,
+    shard: str = "auto",
 ) -> DiagResult:
     """Hessian diagonal of ``loss`` with respect to the parameters of ``layers``.
 
@@ -97,6 +100,12 @@ def diag(
         backend: kernel backend for the Hutchinson accumulation (``"auto"``,
             ``"cpp"``, ``"torch"``).
         progress: print one line per layer / probe chunk to stderr.
+        process_group: a ``torch.distributed`` process group (or ``"world"``) to
+            share the work between its ranks; every rank passes the same
+            arguments and gets the single-process answer (see
+            :mod:`fasthess.distributed`). ``None``: this process alone.
+        shard: with a process group, what the ranks split: ``"closures"``
+            (micro-batches), ``"directions"`` (coordinates / probes) or ``"auto"``.
 
     Returns:
         :class:`DiagResult` mapping parameter name to :class:`LayerDiag`, with
@@ -104,7 +113,8 @@ def diag(
 
     Raises:
         LayerNotFoundError, LossError, TrainingModeError, MemoryRiskError,
-        NonFiniteCurvatureError, BackendUnavailableError: each with the fix.
+        NonFiniteCurvatureError, BackendUnavailableError, DistributedError: each
+        with the fix.
 
     Example:
         >>> import torch, fasthess
@@ -125,6 +135,8 @@ def diag(
     if method == "hutchinson" and num_probes < 2:
         raise ValueError("num_probes must be >= 2 to give a standard error")
     closures = list(loss) if isinstance(loss, (list, tuple)) else [loss]
+    plan = ShardPlan(process_group, shard, method, len(closures))
+    model, bypass_ddp = unwrap_ddp(model)  # names of the module inside DDP; its hooks stay idle
     if not allow_training_mode:
         check_training_mode(model)
     params = resolve_parameters(model, layers)
@@ -132,7 +144,7 @@ def diag(
     eng = get_engine(engine, method, device.type)
 
     start = time.perf_counter()
-    with autodiff_safe(allow_dropout=allow_training_mode):
+    with autodiff_safe(allow_dropout=allow_training_mode), bypass_ddp:
         objective = Objective(model, closures, params, dtype=dtype, fresh_buffers=allow_training_mode)
         loss_check = objective.validate()
         if method == "exact":
@@ -153,11 +165,18 @@ def diag(
             log,
         )
         fallback = None
-        if method == "hutchinson":
-            layer_results, used_backend = _hutchinson(objective, eng, num_probes, probe, seed, chunk, backend, log)
-        else:
-            layer_results, eng, fallback = _entries(objective, eng, method, num_samples, seed, chunk, loss_check, log)
-            used_backend = "torch"
+        count = num_probes if method == "hutchinson" else num_samples if method == "sampled" else 0
+        plan.check(signature(method, objective, count, seed, probe, plan.requested), chunk)
+        with plan.guard(chunk):  # a failure here is reported to the other ranks instead of hanging them
+            if method == "hutchinson":
+                layer_results, used_backend = _hutchinson(
+                    objective, eng, num_probes, probe, seed, chunk, backend, log, plan
+                )
+            else:
+                layer_results, eng, fallback = _entries(
+                    objective, eng, method, num_samples, seed, chunk, loss_check, log, plan
+                )
+                used_backend = "torch"
     seconds = time.perf_counter() - start
 
     nonfinite = {n: r.nonfinite() for n, r in layer_results.items() if r.nonfinite()}
@@ -177,6 +196,7 @@ def diag(
         "gradient_seconds": loss_check.gradient_seconds,
         "seconds": seconds,
         "nonfinite": nonfinite,
+        **plan.meta(),
         **describe_environment(),
     }
     result = DiagResult(layer_results, meta)
@@ -239,6 +259,7 @@ def _entries(
     chunk: _Chunk,
     check: LossCheck,
     log: _Progress,
+    plan: ShardPlan,
 ) -> tuple[dict[str, LayerDiag], Engine, str | None]:
     """Entries of every selected parameter; returns them, the engine used and why it fell back (if it did)."""
     indices = []
@@ -247,13 +268,14 @@ def _entries(
             indices.append(sample_indices(p.numel(), num_samples, seed, name).to(p.device))
         else:
             indices.append(torch.arange(p.numel(), device=p.device))
-    totals = [torch.zeros(i.numel(), dtype=torch.float64, device=i.device) for i in indices]
+    mine = plan.split(indices)  # this rank's coordinates: all of them unless directions are sharded
+    totals = [torch.zeros(i.numel(), dtype=torch.float64, device=i.device) for i in mine]
     fallback = None
-    for c in range(len(objective)):
+    for c in plan.closures(len(objective)):
         if isinstance(eng, TangentAdjointEngine):
             try:
                 blocks = chunk.run(
-                    lambda k, c=c: eng.entries(lambda ps: objective(c, ps), objective.primals, indices, k)
+                    lambda k, c=c: eng.entries(lambda ps: objective(c, ps), objective.primals, mine, k)
                 )
             except CaptureError as err:
                 fallback = f"{eng.name} cannot record this loss ({err}); used the generic engine"
@@ -264,11 +286,13 @@ def _entries(
         if not isinstance(eng, TangentAdjointEngine):
             blocks = [
                 chunk.run(lambda k, c=c, pos=pos, p=p, idx=idx: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
-                for pos, (p, idx) in enumerate(zip(objective.primals, indices))
+                if idx.numel() else idx.new_zeros(0, dtype=p.dtype)  # a rank's share can be empty
+                for pos, (p, idx) in enumerate(zip(objective.primals, mine))
             ]
         for total, block in zip(totals, blocks):
             total += block.detach().to(torch.float64)
-        log(f"closure {c + 1}/{len(objective)}: {sum(i.numel() for i in indices)} entries")
+        log(f"closure {c + 1}/{len(objective)}: {sum(i.numel() for i in mine)} entries")
+    totals = plan.entries(totals, indices, chunk)  # sums over every rank's closures and coordinates
     out: dict[str, LayerDiag] = {}
     for name, p, idx, total in zip(objective.names, objective.primals, indices, totals):
         out[name] = LayerDiag(
@@ -290,26 +314,30 @@ def _hutchinson(
     chunk: _Chunk,
     backend: str,
     log: _Progress,
+    plan: ShardPlan,
 ) -> tuple[dict[str, LayerDiag], str]:
     primals = objective.primals
     means = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in primals]
     m2s = [torch.zeros_like(m) for m in means]
     used = backend
-    done = 0
-    while done < num_probes:
-        k = min(chunk.size, num_probes - done)
+    lo, hi = plan.probe_range(num_probes)  # all probes unless directions are sharded
+    done = lo
+    while done < hi:
+        k = min(chunk.size, hi - done)
         zs = [z.to(p) for z, p in zip(probes([tuple(p.shape) for p in primals], done, k, distribution, seed), primals)]
         hzs = [torch.zeros_like(z) for z in zs]
-        for c in range(len(objective)):
+        for c in plan.closures(len(objective)):
             blocks = chunk.run(lambda size, c=c: eng.hvp(objective.of_all(c), primals, zs, size))
             for acc, block in zip(hzs, blocks):
                 acc += block.detach()
+        plan.sum_over_closures_(hzs, chunk)  # closure sharding: Hz over every rank's closures
         for mean, m2, z, hz in zip(means, m2s, zs, hzs):
             used = hutchinson_update_(
-                mean, m2, z.reshape(k, -1), hz.reshape(k, -1) / len(objective), done, backend=backend
+                mean, m2, z.reshape(k, -1), hz.reshape(k, -1) / len(objective), done - lo, backend=backend
             )
         done += k
         log(f"hutchinson: {done}/{num_probes} probes")
+    plan.merge_welford_(means, m2s, hi - lo, num_probes, chunk)  # direction sharding: Chan's merge
     out = {}
     for name, p, mean, m2 in zip(objective.names, primals, means, m2s):
         stderr = (m2 / (num_probes - 1) / num_probes).sqrt()

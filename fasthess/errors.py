@@ -32,3 +32,7 @@ class MemoryRiskError(FasthessError, MemoryError):
 
 class BackendUnavailableError(FasthessError, RuntimeError):
     """An explicitly requested backend or engine cannot run here."""
+
+
+class DistributedError(FasthessError, RuntimeError):
+    """The ranks of a process group disagree, or one of them failed, died or stalled."""

@@ -21,6 +21,10 @@ ENGINE_VS_DENSE = {
     (torch.float32, "tangent_adjoint"): (1e-3, 1e-4),
 }
 
+# fasthess.diag on 2 ranks (any sharding) against one process, float64: only the
+# order of the sums differs. (rtol, atol_rel) as for ENGINE_VS_DENSE.
+DISTRIBUTED_VS_SINGLE = (1e-9, 1e-12)
+
 # Kernel backends against their pure-torch reference: dtype -> (rtol, atol)
 KERNEL_VS_REFERENCE = {
     torch.float64: (1e-12, 1e-12),
