@@ -24,31 +24,41 @@ def extension_loaded() -> bool:
 class KernelFamily:
     """Implementations of one op by backend, in order of preference for ``"auto"``.
 
-    Each entry maps a backend name to ``(is_available, implementation)``.
+    Each entry maps a backend name to ``(is_available, implementation)``; a backend
+    registered with ``devices`` runs only on tensors of those device types (``"auto"``
+    skips it elsewhere, an explicit request raises).
     """
 
     name: str
     backends: dict[str, tuple[Callable[[], bool], Callable[..., Any]]] = field(default_factory=dict)
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def register(self, backend: str, available: Callable[[], bool]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, backend: str, available: Callable[[], bool], devices: tuple[str, ...] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[backend] = (available, fn)
+            if devices is not None:
+                self.devices[backend] = devices
             return fn
 
         return wrap
 
+    def _runs_on(self, backend: str, device: str | None) -> bool:
+        return device is None or backend not in self.devices or device in self.devices[backend]
+
     def available(self) -> list[str]:
         return [b for b, (ok, _) in self.backends.items() if ok()]
 
-    def select(self, backend: str = "auto") -> tuple[str, Callable[..., Any]]:
-        """``(backend name, implementation)``.
+    def select(self, backend: str = "auto", device: str | None = None) -> tuple[str, Callable[..., Any]]:
+        """``(backend name, implementation)`` for tensors on ``device`` (a device type; ``None``: any).
 
         Raises:
-            BackendUnavailableError: an explicit backend is unknown or unavailable here.
+            BackendUnavailableError: an explicit backend is unknown, unavailable here or not for ``device``.
         """
         if backend == "auto":
             for name, (ok, fn) in self.backends.items():
-                if ok():
+                if self._runs_on(name, device) and ok():
                     return name, fn
             raise BackendUnavailableError(f"no backend of {self.name} is available")  # torch always is
         if backend not in self.backends:
@@ -60,5 +70,10 @@ class KernelFamily:
             raise BackendUnavailableError(
                 f"backend {backend!r} of {self.name} is not available here (available: {self.available()}). "
                 "The 'cpp' backend needs the compiled extension: pip install -e . --no-build-isolation"
+            )
+        if not self._runs_on(backend, device):
+            raise BackendUnavailableError(
+                f"backend {backend!r} of {self.name} runs on {self.devices[backend]} tensors, not {device!r}; "
+                "move the tensors or use backend='auto'"
             )
         return backend, fn
