@@ -1,6 +1,6 @@
 // torch glue of the CUDA attention 2-jet kernel (compiled only against a CUDA torch, see setup.py).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cuda(
   auto q2c = q2.contiguous(), k2c = k2.contiguous(), v2c = v2.contiguous();
   auto o = at::zeros_like(qc), o1 = at::zeros_like(q1c), o2 = at::zeros_like(q1c);
   cudaError_t err = cudaSuccess;
-  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  const auto stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jet2_cuda", [&] {
     err = fasthess_cuda::attention_jet2<scalar_t>(
         qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), q1c.data_ptr<scalar_t>(),

@@ -136,8 +136,8 @@ def launch_config(d: int) -> tuple[int, int, int, int, int]:
     if env:
         bm, bn, warps, stages = (int(x) for x in env.split(","))
         return bm, bn, block_d, warps, stages
-    if block_d > 64:
-        return 32, 32, block_d, 4, 2
+    if block_d > 64:  # six 32×128 tiles per stage: one stage
+        return 32, 32, block_d, 4, 1
     return 64, 32, block_d, 4, 2
 
 
