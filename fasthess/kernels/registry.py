@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import BackendUnavailableError
 
 
@@ -18,6 +20,11 @@ def extension_loaded() -> bool:
     except ImportError:
         return False
     return True
+
+
+def op_available(name: str) -> bool:
+    """Whether the extension loaded and registered ``torch.ops.fasthess.<name>`` (an older build may lack it)."""
+    return extension_loaded() and hasattr(torch.ops.fasthess, name)
 
 
 @dataclass

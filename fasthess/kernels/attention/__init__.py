@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, extension_loaded
+from ..registry import KernelFamily, op_available
 from .online import attention_jet2_online
 from .reference import attention, attention_jet2 as attention_jet2_reference
 
@@ -43,7 +43,7 @@ def triton_available() -> bool:
 @functools.lru_cache(maxsize=None)
 def cuda_ext_available() -> bool:
     """The extension was built with the CUDA kernels (it registers a CUDA implementation)."""
-    if not (extension_loaded() and torch.cuda.is_available()):
+    if not (op_available("attention_jet2") and torch.cuda.is_available()):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("fasthess::attention_jet2", "CUDA")
 
@@ -64,7 +64,7 @@ def _triton(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale)
     return attention_jet2_triton(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
-@family.register("cpp", available=extension_loaded, devices=("cpu",))
+@family.register("cpp", available=lambda: op_available("attention_jet2"), devices=("cpu",))
 def _cpp(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale):
     return torch.ops.fasthess.attention_jet2(q, k, v, q1, k1, v1, q2, k2, v2, _keep(key_padding_mask), causal, scale)
 
@@ -161,7 +161,7 @@ def attention_jet2(
 
 def _register_fake() -> None:
     """Shape functions of the C++ op, for torch.compile / opcheck (only when the extension loaded)."""
-    if not extension_loaded() or not hasattr(torch.ops.fasthess, "attention_jet2"):
+    if not op_available("attention_jet2"):
         return
 
     @torch.library.register_fake("fasthess::attention_jet2")
