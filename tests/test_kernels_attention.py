@@ -222,7 +222,11 @@ def test_cuda_glue_compiles_against_torch_headers(tmp_path) -> None:
 
     (tmp_path / "c10" / "cuda" / "impl").mkdir(parents=True)
     (tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(_nvcc())), "include")
+    nvcc = os.path.realpath(_nvcc())  # /usr/local/bin/nvcc may be a wrapper: ask nvcc where CUDA lives
+    res = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+    top = next((line.split("=", 1)[1].strip() for line in (res.stdout + res.stderr).splitlines()
+                if "TOP=" in line), os.path.dirname(os.path.dirname(nvcc)))
+    cuda_include = os.path.join(top, "include")
     for glue in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))):
         cmd = ["g++", "-fsyntax-only", "-std=c++17", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
                f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}", glue]
