@@ -8,7 +8,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace fasthess {
 namespace {
@@ -65,19 +67,30 @@ void seeded_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_t* hz, int6
   const double cross = static_cast<double>(count) * k / total;
   std::vector<uint32_t> probe_hash(k);
   for (int64_t j = 0; j < k; ++j) probe_hash[j] = hash32(seed_hash + static_cast<uint32_t>(first_probe + j));
+  constexpr int64_t kTile = 256;  // coordinates per tile: the probe loop runs over a tile (vectorised hash)
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      double bmean = 0.0, bm2 = 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        const double z = (hash32(probe_hash[j] ^ static_cast<uint32_t>(i)) >> 31) ? -1.0 : 1.0;
-        const double s = z * static_cast<double>(hz[j * n + i]);
-        const double d = s - bmean;
-        bmean += d / static_cast<double>(j + 1);
-        bm2 += d * (s - bmean);
+    double bmean[kTile], bm2[kTile];
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t len = std::min(kTile, end - i0);
+      for (int64_t t = 0; t < len; ++t) bmean[t] = bm2[t] = 0.0;
+      for (int64_t j = 0; j < k; ++j) {  // Welford over the batch, one probe at a time, for the whole tile
+        const uint32_t ph = probe_hash[j];
+        const scalar_t* row = hz + j * n + i0;
+        const double inv = 1.0 / static_cast<double>(j + 1);
+        for (int64_t t = 0; t < len; ++t) {
+          const uint32_t bit = hash32(ph ^ static_cast<uint32_t>(i0 + t)) >> 31;
+          const double s = (1.0 - 2.0 * static_cast<double>(bit)) * static_cast<double>(row[t]);
+          const double d = s - bmean[t];
+          bmean[t] += d * inv;
+          bm2[t] += d * (s - bmean[t]);
+        }
       }
-      const double delta = bmean - static_cast<double>(mean[i]);
-      m2[i] = static_cast<scalar_t>(static_cast<double>(m2[i]) + bm2 + delta * delta * cross);
-      mean[i] = static_cast<scalar_t>(static_cast<double>(mean[i]) + delta * (k / total));
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t i = i0 + t;
+        const double delta = bmean[t] - static_cast<double>(mean[i]);
+        m2[i] = static_cast<scalar_t>(static_cast<double>(m2[i]) + bm2[t] + delta * delta * cross);
+        mean[i] = static_cast<scalar_t>(static_cast<double>(mean[i]) + delta * (k / total));
+      }
     }
   });
 }
