@@ -40,10 +40,11 @@ def _onehot_cpp(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Ten
 def _onehot_torch(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
     k = rows.numel()
     flat = x.reshape(-1, x.shape[-1])
+    valid = (rows >= 0)[:, None]
+    vals = torch.where(valid, flat[:, cols.clamp_min(0)].T, torch.zeros((), dtype=x.dtype, device=x.device))
     out = x.new_zeros(k, flat.shape[0], out_features)
-    valid = (rows >= 0).nonzero().squeeze(1)
-    # out[k, :, rows[k]] = x[:, cols[k]] for the valid directions, one indexed copy
-    out[valid[:, None], torch.arange(flat.shape[0], device=x.device)[None, :], rows[valid][:, None]] = flat[:, cols[valid]].T
+    # out[k, :, rows[k]] = x[:, cols[k]]: one scatter along the output dim (a zero direction writes 0s)
+    out.scatter_(2, rows.clamp_min(0).view(k, 1, 1).expand(k, flat.shape[0], 1), vals.unsqueeze(-1))
     return out.view(k, *x.shape[:-1], out_features)
 
 
