@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,31 @@ def extension_loaded() -> bool:
     except ImportError:
         return False
     return True
+
+
+_preferred: contextvars.ContextVar[str] = contextvars.ContextVar("fasthess_kernel_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Kernels called inside (by the engines) use ``backend`` where their family has it, else ``"auto"``.
+
+    Example:
+        >>> with use_backend("torch"):
+        ...     preferred_backend("torch_only_family", ["torch"])
+        'torch'
+    """
+    token = _preferred.set(backend)
+    try:
+        yield
+    finally:
+        _preferred.reset(token)
+
+
+def preferred_backend(family: str, known: Iterator[str] | list[str]) -> str:
+    """The backend set by :func:`use_backend` if the family ``known`` it, else ``"auto"``."""
+    backend = _preferred.get()
+    return backend if backend in list(known) else "auto"
 
 
 def op_available(name: str) -> bool:

@@ -155,6 +155,8 @@ def attention_jet2_triton(
     b, h, tq, d = q.shape
     tk = k.shape[-2]
     n = q1.shape[0]
+    if b * h > 65535 or n > 65535:
+        raise ValueError(f"B·H = {b * h} and N = {n} must be <= 65535 (grid limits); split the call")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     xs = [t.contiguous() for t in (q, k, v, q1, k1, v1, q2, k2, v2)]
     o = torch.empty_like(xs[0])
