@@ -3,7 +3,8 @@
 Ops (``--ops``): ``attention`` (2-jet; reference: nested jvp on the math path), ``onehot`` (one-hot
 weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: dense seeds + einsum),
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
-regenerated from the seed; reference: torch regeneration + update).
+regenerated from the seed; reference: torch regeneration + update), ``crossentropy`` (2-jet of
+the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp).
 
 For attention, per sequence length T and backend: median seconds over repeats, tangents/s, GB/s (the
 inputs read and outputs written once, the least traffic possible), TFLOP/s (the
@@ -141,7 +142,24 @@ def seeded_cases(a, t: int, h: int, n: int, dtype):
     return cases, None, nbytes, n
 
 
-CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_cases}
+def crossentropy_cases(a, t: int, h: int, n: int, dtype):
+    """Cross-entropy 2-jet over B·T rows of a 8192-word vocabulary, N logit tangent pairs."""
+    from fasthess.kernels import loss
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 8192
+    z = torch.randn(a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype)
+    y = torch.randint(0, vocab, (a.B * t,), generator=g).to(a.device)
+    z1, z2 = (torch.randn(n, a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype) for _ in range(2))
+    nbytes = (1 + 2 * n) * a.B * t * vocab * z.element_size()
+    cases = {"reference": lambda: loss.cross_entropy_jet2_reference(z, y, z1, z2)}
+    for backend in loss.family.backends:
+        if backend in loss.family.available() and a.device in loss.family.devices.get(backend, (a.device,)):
+            cases[backend] = lambda backend=backend: loss.cross_entropy_jet2(z, y, z1, z2, backend=backend)
+    return cases, None, nbytes, n
+
+
+CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_cases, "crossentropy": crossentropy_cases}
 
 
 def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int, rows: list, extra: dict) -> None:
@@ -196,7 +214,7 @@ def main() -> None:
     p.add_argument("--N", type=int, default=None, help="tangent pairs per call (default: cuda 8, cpu 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--ops", default="attention,onehot,seeded")
+    p.add_argument("--ops", default="attention,onehot,seeded,crossentropy")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference-max-T", type=int, default=4096, help="skip the (slow) reference above this T")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
