@@ -6,6 +6,7 @@
 # given as the argument. Every step is fail-soft: it has its own time limit, its log OUTDIR/NAME.log and a
 # line "NAME rc=.. seconds=.." in OUTDIR/summary.txt; a step that would start after the overall budget
 # (BUDGET seconds, default 470) is recorded as skipped.
+# It ends by packing OUTDIR into OUTDIR.tgz.
 #   usage: bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -50,3 +51,5 @@ step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model enco
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \
   --repeats 3 --methods gradient,naive,fasthess,fasthess-wide --out "$out"
 echo "total seconds=$((SECONDS - start))" | tee -a "$out/summary.txt"
+# one archive of everything beside the folder (for transports that bring back only a few files)
+tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && echo "archive: $out.tgz"
