@@ -38,7 +38,7 @@ def _extensions_and_cmdclass() -> tuple[list, dict]:
         ext = CUDAExtension(
             "fasthess._C",
             sources,
-            extra_compile_args={"cxx": cxx + ["-DFASTHESS_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx + ["-DFASTHESS_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -67,7 +67,9 @@ def _extensions_and_cmdclass() -> tuple[list, dict]:
                 file=sys.stderr,
             )
 
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+    # FASTHESS_NINJA=1 (benchmarks/gpu_check.sh): parallel compile with ninja, MAX_JOBS jobs
+    use_ninja = os.environ.get("FASTHESS_NINJA") == "1" and shutil.which("ninja") is not None
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _extensions_and_cmdclass()

@@ -17,6 +17,8 @@ from .engines import Engine, get_engine
 from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
 from .kernels.hutchinson import hutchinson_update_
+from .kernels.linear import onehot_family
+from .kernels.registry import preferred_backend, use_backend
 from .layers import LayerSpec, resolve_parameters
 from .objective import (
     LossCheck,
@@ -97,8 +99,8 @@ def diag(
             mode (the loss is then random or uses batch statistics).
         on_nonfinite: ``"raise"`` on NaN/Inf entries, or ``"keep"`` them (recorded
             in ``meta["nonfinite"]``).
-        backend: kernel backend for the Hutchinson accumulation (``"auto"``,
-            ``"cpp"``, ``"torch"``).
+        backend: kernel backend (``"auto"``, ``"cpp"``, ``"torch"``): of the Hutchinson
+            accumulation, and of the one-hot weight tangents of sampled/exact entries.
         progress: print one line per layer / probe chunk to stderr.
         process_group: a ``torch.distributed`` process group (or ``"world"``) to
             share the work between its ranks; every rank passes the same
@@ -173,10 +175,13 @@ def diag(
                     objective, eng, num_probes, probe, seed, chunk, backend, log, plan
                 )
             else:
-                layer_results, eng, fallback = _entries(
-                    objective, eng, method, num_samples, seed, chunk, loss_check, log, plan
-                )
-                used_backend = "torch"
+                with use_backend(backend):  # the engines' kernels (one-hot weight tangents)
+                    used_backend = onehot_family.select(
+                        preferred_backend(onehot_family.name, onehot_family.backends), device.type
+                    )[0]
+                    layer_results, eng, fallback = _entries(
+                        objective, eng, method, num_samples, seed, chunk, loss_check, log, plan
+                    )
     seconds = time.perf_counter() - start
 
     nonfinite = {n: r.nonfinite() for n, r in layer_results.items() if r.nonfinite()}

@@ -48,3 +48,17 @@ def assert_entries_close(got: torch.Tensor, want: torch.Tensor, rtol: float, ato
         f"{what}: entry {worst} got {float(got[worst]):.10e}, want {float(want[worst]):.10e} "
         f"(|err| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e})"
     )
+
+# Attention 2-jet kernels (o, o1, o2) against the nested-jvp reference: dtype -> (rtol, atol).
+# float32: o2 sums terms that cancel (P2 = P(s2 - μ2 + (s1 - μ1)² - σ1²)), so it keeps ~5 digits.
+ATTENTION_JET2_VS_REFERENCE = {
+    torch.float64: (1e-10, 1e-11),
+    torch.float32: (2e-4, 2e-4),
+}
+# Reference 2-jet against a central second difference of o(t) in float64 (step 1e-3: error ~1e-6).
+ATTENTION_FINITE_DIFFERENCE = (1e-4, 1e-5)
+
+# Rademacher probes regenerated from a seed (fixed seeds): |mean| of 10^5 signs below this (5.5 sigma),
+# and the fraction of agreeing signs of two different seeds within 0.5 ± this.
+RADEMACHER_MEAN_BOUND = 0.0175
+RADEMACHER_AGREEMENT_BAND = 0.0175

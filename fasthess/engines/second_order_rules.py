@@ -413,15 +413,20 @@ def matmul_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[T
 
 
 def _one_hot_right(m1: Tensor, seed: OneHot) -> Tensor:
-    """``m1 @ E_k`` for one-hot ``E_k`` of shape (i, n), m1 ``(..., M, i)``: column ``c`` gets ``m1[..., r]``."""
-    k = seed.index.numel()
+    """``m1 @ E_k`` for one-hot ``E_k`` of shape (i, n), m1 ``(..., M, i)``: column ``c`` gets ``m1[..., r]``.
+
+    This is a linear layer's output tangent along a sampled weight coordinate: the
+    ``onehot_weight_tangent`` kernel (backend chosen by ``diag(..., backend=)``).
+    """
+    from ..kernels.linear import onehot_family, onehot_weight_tangent
+    from ..kernels.registry import preferred_backend
+
     n = seed.shape[-1]
-    out = m1.new_zeros((k, *m1.shape[:-1], n))
     valid = seed.index >= 0
-    rows, cols = seed.index[valid] // n, seed.index[valid] % n
-    # advanced indices around a slice go first: the target is (V, *m1.shape[:-1])
-    out[(torch.arange(k, device=m1.device)[valid], Ellipsis, cols)] = m1[..., rows].movedim(-1, 0)
-    return out
+    out_idx = torch.where(valid, seed.index % n, -1)  # -1: a zero direction
+    in_idx = torch.where(valid, seed.index // n, 0)
+    backend = preferred_backend(onehot_family.name, onehot_family.backends)
+    return onehot_weight_tangent(m1, out_idx, in_idx, n, backend=backend)
 
 
 def _one_hot_left(seed: OneHot, m2: Tensor) -> Tensor:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..errors import BackendUnavailableError
 
@@ -20,35 +24,75 @@ def extension_loaded() -> bool:
     return True
 
 
+_preferred: contextvars.ContextVar[str] = contextvars.ContextVar("fasthess_kernel_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Kernels called inside (by the engines) use ``backend`` where their family has it, else ``"auto"``.
+
+    Example:
+        >>> with use_backend("torch"):
+        ...     preferred_backend("torch_only_family", ["torch"])
+        'torch'
+    """
+    token = _preferred.set(backend)
+    try:
+        yield
+    finally:
+        _preferred.reset(token)
+
+
+def preferred_backend(family: str, known: Iterator[str] | list[str]) -> str:
+    """The backend set by :func:`use_backend` if the family ``known`` it, else ``"auto"``."""
+    backend = _preferred.get()
+    return backend if backend in list(known) else "auto"
+
+
+def op_available(name: str) -> bool:
+    """Whether the extension loaded and registered ``torch.ops.fasthess.<name>`` (an older build may lack it)."""
+    return extension_loaded() and hasattr(torch.ops.fasthess, name)
+
+
 @dataclass
 class KernelFamily:
     """Implementations of one op by backend, in order of preference for ``"auto"``.
 
-    Each entry maps a backend name to ``(is_available, implementation)``.
+    Each entry maps a backend name to ``(is_available, implementation)``; a backend
+    registered with ``devices`` runs only on tensors of those device types (``"auto"``
+    skips it elsewhere, an explicit request raises).
     """
 
     name: str
     backends: dict[str, tuple[Callable[[], bool], Callable[..., Any]]] = field(default_factory=dict)
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def register(self, backend: str, available: Callable[[], bool]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(
+        self, backend: str, available: Callable[[], bool], devices: tuple[str, ...] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[backend] = (available, fn)
+            if devices is not None:
+                self.devices[backend] = devices
             return fn
 
         return wrap
 
+    def _runs_on(self, backend: str, device: str | None) -> bool:
+        return device is None or backend not in self.devices or device in self.devices[backend]
+
     def available(self) -> list[str]:
         return [b for b, (ok, _) in self.backends.items() if ok()]
 
-    def select(self, backend: str = "auto") -> tuple[str, Callable[..., Any]]:
-        """``(backend name, implementation)``.
+    def select(self, backend: str = "auto", device: str | None = None) -> tuple[str, Callable[..., Any]]:
+        """``(backend name, implementation)`` for tensors on ``device`` (a device type; ``None``: any).
 
         Raises:
-            BackendUnavailableError: an explicit backend is unknown or unavailable here.
+            BackendUnavailableError: an explicit backend is unknown, unavailable here or not for ``device``.
         """
         if backend == "auto":
             for name, (ok, fn) in self.backends.items():
-                if ok():
+                if self._runs_on(name, device) and ok():
                     return name, fn
             raise BackendUnavailableError(f"no backend of {self.name} is available")  # torch always is
         if backend not in self.backends:
@@ -60,5 +104,10 @@ class KernelFamily:
             raise BackendUnavailableError(
                 f"backend {backend!r} of {self.name} is not available here (available: {self.available()}). "
                 "The 'cpp' backend needs the compiled extension: pip install -e . --no-build-isolation"
+            )
+        if not self._runs_on(backend, device):
+            raise BackendUnavailableError(
+                f"backend {backend!r} of {self.name} runs on {self.devices[backend]} tensors, not {device!r}; "
+                "move the tensors or use backend='auto'"
             )
         return backend, fn

@@ -1,0 +1,41 @@
+"""Runs the CUDA attention 2-jet kernel on small awkward shapes, for compute-sanitizer (gpu_check.sh).
+
+    compute-sanitizer --tool memcheck python benchmarks/attention_sanitize.py
+Prints one line per case and exits non-zero if an output is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from attention_cases import inputs, padding  # noqa: E402
+
+from fasthess.kernels.attention import attention_jet2  # noqa: E402
+from fasthess.kernels.attention.reference import attention_jet2 as reference  # noqa: E402
+
+
+def main() -> int:
+    backend = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    bad = 0
+    for shape in [(1, 1, 1, 1, 4, 1), (2, 3, 33, 33, 5, 2), (1, 2, 70, 45, 72, 1), (1, 1, 20, 20, 256, 1)]:
+        if backend == "triton" and shape[4] > 128:
+            continue
+        for causal in (False, True):
+            x = inputs(*shape, torch.float32, device="cuda")
+            pad = padding(shape[0], shape[3], "cuda")
+            got = attention_jet2(*x, causal=causal, key_padding_mask=pad, backend=backend)
+            torch.cuda.synchronize()
+            want = reference(*inputs(*shape, torch.float64, device="cuda"), causal=causal, key_padding_mask=pad)
+            err = max(float((a.double() - b).abs().max()) for a, b in zip(got, want))
+            ok = err < 1e-3
+            bad += not ok
+            print(f"{backend} {shape} causal={causal} max_err={err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+// torch glue of the CUDA attention 2-jet kernel (compiled only against a CUDA torch, see setup.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "attention_jet2.h"
+
+namespace fasthess {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q1, const at::Tensor& k1,
+    const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
+    const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "k and v must be (B, H, Tk, D) with the B, H, D of q");
+  const int64_t n = q1.size(0);
+  for (const auto* t : {&q1, &q2})
+    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
+                "q1, q2 must be (N, *q.shape)");
+  for (const auto* t : {&k1, &v1, &k2, &v2})
+    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(),
+                "k1, v1, k2, v2 must be (N, *k.shape)");
+  for (const auto* t : {&k, &v, &q1, &k1, &v1, &q2, &k2, &v2}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
+    TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "the CUDA attention_jet2 kernel takes float32 or float64");
+  TORCH_CHECK(q.size(3) <= 256, "head dim must be <= 256");
+  TORCH_CHECK(q1.size(0) >= 1, "attention_jet2 needs at least one tangent pair (N >= 1)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2);
+  at::Tensor keep;
+  if (keep_opt.has_value()) {
+    keep = keep_opt->to(q.device(), at::kByte).contiguous();
+    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == TK, "keep must be (B, Tk)");
+  }
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  auto q1c = q1.contiguous(), k1c = k1.contiguous(), v1c = v1.contiguous();
+  auto q2c = q2.contiguous(), k2c = k2.contiguous(), v2c = v2.contiguous();
+  auto o = at::zeros_like(qc), o1 = at::zeros_like(q1c), o2 = at::zeros_like(q1c);
+  cudaError_t err = cudaSuccess;
+  const auto stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jet2_cuda", [&] {
+    err = fasthess_cuda::attention_jet2<scalar_t>(
+        qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), q1c.data_ptr<scalar_t>(),
+        k1c.data_ptr<scalar_t>(), v1c.data_ptr<scalar_t>(), q2c.data_ptr<scalar_t>(), k2c.data_ptr<scalar_t>(),
+        v2c.data_ptr<scalar_t>(), keep.defined() ? keep.data_ptr<uint8_t>() : nullptr, o.data_ptr<scalar_t>(),
+        o1.data_ptr<scalar_t>(), o2.data_ptr<scalar_t>(), (int)B, (int)H, (int)TQ, (int)TK, (int)D, (int)n,
+        static_cast<scalar_t>(scale), causal, stream);
+  });
+  TORCH_CHECK(err == cudaSuccess, "attention_jet2 CUDA launch failed: ", cudaGetErrorString(err));
+  return {o, o1, o2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasthess, CUDA, m) { m.impl("attention_jet2", &attention_jet2_cuda); }
+
+}  // namespace fasthess

@@ -1,0 +1,40 @@
+"""Reference (pure torch) 2-jet of the softmax cross-entropy loss: the spec of the ``loss`` family."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cross_entropy_jet2(
+    z: Tensor, y: Tensor, z1: Tensor, z2: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy of logits ``z`` and its first/second directional derivatives (nested ``jvp``).
+
+    Args:
+        z: ``(N, V)`` logits; y: ``(N,)`` int64 targets (``ignore_index`` rows are left out of the mean).
+        z1, z2: ``(K, N, V)`` first- and second-order logit tangents.
+
+    Returns:
+        ``(loss, loss1, loss2)``: a scalar and two ``(K,)`` with ``loss2 = d²/dt² L(z + t z1 + t²/2 z2)``.
+
+    Example:
+        >>> z = torch.zeros(1, 2, dtype=torch.float64)
+        >>> l, l1, l2 = cross_entropy_jet2(z, torch.tensor([0]), torch.tensor([[[1., 0.]]], dtype=torch.float64), torch.zeros(1, 1, 2, dtype=torch.float64))
+        >>> round(l.item(), 4), l1.tolist(), l2.tolist()  # log 2; -(1 - 1/2); Var of (1, 0) under (1/2, 1/2)
+        (0.6931, [-0.5], [0.25])
+    """
+
+    def f(a: Tensor) -> Tensor:
+        return F.cross_entropy(a, y, ignore_index=ignore_index)
+
+    def one(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def first(a: Tensor) -> Tensor:
+            return torch.func.jvp(f, (a,), (a1,))[1]
+
+        out1, out11 = torch.func.jvp(first, (z,), (a1,))
+        out, out2 = torch.func.jvp(f, (z,), (a2,))
+        return out, out1, out11 + out2
+
+    return torch.func.vmap(one, out_dims=(None, 0, 0))(z1, z2)

@@ -1,0 +1,53 @@
+"""Attention 2-jet GPU backends (CUDA kernel, Triton kernel) against the float64 reference (run by benchmarks/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import MASKS, SHAPES, inputs, padding
+from tolerances import ATTENTION_JET2_VS_REFERENCE
+
+from fasthess.kernels.attention import attention_jet2, family, select_backend
+from fasthess.kernels.attention.reference import attention_jet2 as reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+GPU_SHAPES = SHAPES + [(1, 2, 1025, 1025, 64, 2), (2, 2, 300, 300, 128, 3), (1, 1, 64, 64, 200, 1)]
+# cuda-rowwise: the CUDA fallback kernel (one warp per row), forced through its environment switch
+CASES = [("cuda", torch.float32), ("cuda", torch.float64), ("cuda-rowwise", torch.float32),
+         ("cuda-rowwise", torch.float64), ("triton", torch.float32)]
+
+
+@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("causal,padded", MASKS)
+def test_gpu_backend_matches_reference(backend: str, dtype, shape, causal: bool, padded: bool, monkeypatch) -> None:
+    if backend == "cuda-rowwise":
+        monkeypatch.setenv("FASTHESS_CUDA_ATTENTION_ROWWISE", "1")
+        backend = "cuda"
+    if backend not in family.available():
+        pytest.fail(f"backend {backend!r} is not available on this GPU machine (available: {family.available()})")
+    if backend == "triton" and shape[4] > 128:
+        pytest.skip("head dim > 128: the triton tiles would not fit in shared memory")
+    x = inputs(*shape, dtype, device="cuda")
+    pad = padding(shape[0], shape[3], "cuda") if padded else None
+    want = reference(*inputs(*shape, torch.float64, device="cuda"), causal=causal, key_padding_mask=pad)
+    got = attention_jet2(*x, causal=causal, key_padding_mask=pad, backend=backend)
+    torch.cuda.synchronize()
+    rtol, atol = ATTENTION_JET2_VS_REFERENCE[dtype]
+    for name, a, b in zip(("o", "o1", "o2"), got, want):
+        assert a.dtype == dtype and a.device.type == "cuda"
+        torch.testing.assert_close(a, b.to(dtype), rtol=rtol, atol=atol, msg=lambda m: f"{backend} {shape} {name}: {m}")
+
+
+def test_auto_picks_a_compiled_gpu_backend() -> None:
+    assert select_backend("auto", "cuda", torch.float32)[0] in ("cuda", "triton")
+    assert select_backend("auto", "cuda", torch.bfloat16)[0] in ("triton", "torch")
+
+
+def test_cuda_backend_is_built() -> None:
+    """gpu_check.sh builds the extension against the CUDA torch: the CUDA kernel must be there."""
+    assert "cuda" in family.available(), f"the CUDA attention kernel did not build (available: {family.available()})"
