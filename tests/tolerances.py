@@ -44,3 +44,21 @@ def assert_entries_close(got: torch.Tensor, want: torch.Tensor, rtol: float, ato
         f"{what}: entry {worst} got {float(got[worst]):.10e}, want {float(want[worst]):.10e} "
         f"(|err| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e})"
     )
+
+# Variance-reduced estimators (tests/test_estimators.py, fixed seeds).
+# Unbiasedness: over R repeats, each entry's mean error divided by its standard error
+# of the mean is ~N(0, 1); the largest |z| over a layer's entries stays below this.
+ESTIMATOR_BIAS_Z = 4.5
+# Reported standard errors: mean reported variance / empirical variance over repeats.
+STDERR_CALIBRATION_BAND = (0.75, 1.3)
+# XDiag's std_i(d_i)/sqrt(m) is a heuristic (the d_i share the sketch): a looser band.
+XDIAG_STDERR_BAND = (0.5, 2.0)
+# Diag++ / XDiag must beat plain Hutchinson's mean squared error at an equal budget
+# on a dense Hessian with a dominant eigenvalue by at least this factor.
+DEFLATION_MSE_GAIN = 1.5
+# Plumbing: fasthess.diag against the same estimator on the dense float64 Hessian
+# with the same seed (same probes): equal up to round-off.
+SAME_PROBES_RTOL = 1e-8
+# Adaptive stopping: the true relative error at the stop, median over seeds, is at
+# most this multiple of target_rel_error.
+ADAPTIVE_TRUE_ERROR_FACTOR = 1.5
