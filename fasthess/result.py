@@ -105,8 +105,8 @@ class LayerDiag:
                 bias = stats.r_med_noise_bias(self.values, self.stderr, num_draws=50)["relative_bias"]
                 warnings.warn(
                     f"{self.name}: R_med of this {self.method} estimate is unreliable: the typical standard error "
-                    f"is {noise:.0%} of the median |H_ii| it divides by (noise inflates the max and shifts the "
-                    f"median; re-noising suggests a bias of about {bias:+.0%}). Use method='sampled' for exact "
+                    f"is {noise:.0%} of the median |H_ii| it divides by (noise inflates the max and the median; "
+                    f"re-noising suggests a bias of at least {bias:+.0%}). Use method='sampled' for exact "
                     "entries, more num_probes, or variance_reduction=.",
                     stacklevel=3,
                 )
