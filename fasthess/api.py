@@ -151,7 +151,8 @@ def diag(
         check_training_mode(model)
     params = resolve_parameters(model, layers)
     device = next(iter(params.values())).device
-    eng = get_engine(engine, "hutchinson" if method in ESTIMATED else method, device.type)
+    # the GGN methods use torch.func jvp/vjp, not an engine; their chunks are sized as for Hutchinson
+    eng = get_engine(engine if method not in ("ggn", "ggn_mc") else "auto", "hutchinson" if method in ESTIMATED else method, device.type)
 
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode):
