@@ -14,6 +14,7 @@ One file per method, each with its reference:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -140,8 +141,6 @@ def estimate(
     if method in GGN_METHODS:
         meta["engine"] = "torch.func (jvp/vjp)"
     if not est.info.get("converged", True):
-        import warnings
-
         warnings.warn(
             f"target_rel_error={target_rel_error} not reached with num_probes={num_probes} "
             f"(relative errors per layer: {[round(r, 4) for r in est.info['relative_errors']]}); "
