@@ -175,6 +175,8 @@ def test_bad_requests_name_the_fix(mlp) -> None:
         fasthess.diag(case.model, case.loss, [LAYER], method="hutchinson", variance_reduction="ggn")
     with pytest.raises(ValueError, match="cannot stop adaptively"):
         fasthess.diag(case.model, case.loss, [LAYER], method="hutchinson", variance_reduction="xdiag", target_rel_error=0.1)
+    with pytest.raises(ValueError, match="Rademacher"):
+        fasthess.diag(case.model, case.loss, [LAYER], method="hutchinson", variance_reduction="xdiag", probe="gaussian")
     with pytest.raises(ValueError, match="unknown variance_reduction"):
         fasthess.diag(case.model, case.loss, [LAYER], method="hutchinson", variance_reduction="hutch++")
     with pytest.raises(ValueError, match="method='hutchinson' only"):

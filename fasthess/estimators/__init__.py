@@ -94,6 +94,9 @@ def estimate(
             "variance_reduction='xdiag' spends its whole budget at once and cannot stop adaptively; "
             "use 'diagpp' or None with target_rel_error="
         )
+    if variance_reduction == "xdiag" and probe != "rademacher":
+        raise ValueError("variance_reduction='xdiag' uses Rademacher test vectors (its formula needs w_i² = 1); "
+                         "drop probe= or use 'diagpp'")
     batch = max(1, chunk.size)
     common = dict(seed=seed, batch=batch, log=log)
     H = hessian_operator(objective, eng, chunk) if method == "hutchinson" else None
