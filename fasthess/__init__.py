@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from . import stats
 from .api import diag
 from .decompositions import autodiff_safe
+from .estimators import OutputsAndLoss
 from .errors import (
     BackendUnavailableError,
     DistributedError,
@@ -42,6 +43,7 @@ __all__ = [
     "MemoryRiskError",
     "Monitor",
     "NonFiniteCurvatureError",
+    "OutputsAndLoss",
     "TrainingModeError",
     "autodiff_safe",
     "default_parameters",

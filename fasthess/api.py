@@ -16,7 +16,6 @@ from .capture import CaptureError
 from .engines import Engine, get_engine
 from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
-from .kernels.hutchinson import hutchinson_update_
 from .kernels.linear import onehot_family
 from .kernels.registry import preferred_backend, use_backend
 from .layers import LayerSpec, resolve_parameters
@@ -29,10 +28,12 @@ from .objective import (
     describe_environment,
 )
 from .result import DiagResult, LayerDiag
-from .sampling import probes, sample_indices
+from .sampling import sample_indices
+from . import estimators
 
 LossArg = Union[Callable[[], Tensor], Sequence[Callable[[], Tensor]]]
-METHODS = ("sampled", "hutchinson", "exact")
+METHODS = ("sampled", "hutchinson", "exact", "ggn", "ggn_mc")
+ESTIMATED = ("hutchinson", "ggn", "ggn_mc")  # the methods run by fasthess.estimators
 
 __all__ = ["diag"]
 
@@ -50,6 +51,8 @@ def diag(
     chunk_size: int | None = None,
     dtype: torch.dtype | None = None,
     probe: str = "rademacher",
+    variance_reduction: str | None = None,
+    target_rel_error: float | None = None,
     max_exact_entries: int = 100_000,
     memory_budget: int | None = None,
     allow_training_mode: bool = False,
@@ -73,9 +76,14 @@ def diag(
             parameter, drawn uniformly without replacement (the paper's
             statistic); ``"hutchinson"`` — unbiased estimate of the whole
             diagonal from ``num_probes`` Hessian-vector products, with per-entry
-            standard errors; ``"exact"`` — every ``H_ii``.
+            standard errors; ``"exact"`` — every ``H_ii``. Not the Hessian:
+            ``"ggn"`` — the exact generalised Gauss-Newton diagonal and
+            ``"ggn_mc"`` — its Monte-Carlo estimate from ``num_probes`` samples
+            (positive semi-definite for convex losses, the Fisher for
+            cross-entropy; ``loss`` must be :class:`fasthess.OutputsAndLoss`).
         num_samples: coordinates per parameter tensor for ``"sampled"``.
-        num_probes: probe vectors for ``"hutchinson"`` (shared by all layers).
+        num_probes: Hessian-vector products for ``"hutchinson"`` (shared by all
+            layers; the most, with ``target_rel_error``), samples for ``"ggn_mc"``.
         seed: fixes coordinates and probes (same seed, same numbers).
         engine: ``"auto"``, ``"tangent_adjoint"`` (the fast sampled/exact
             engine: first-order tangents downstream of each layer plus one
@@ -89,6 +97,16 @@ def diag(
         dtype: compute in this dtype (e.g. ``torch.float64``); parameters,
             buffers and floating model inputs are cast, the model is unchanged.
         probe: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
+        variance_reduction: for ``"hutchinson"``: ``None`` (plain), ``"diagpp"``
+            (Diag++, low-rank deflation of the joint Hessian of the selected
+            parameters), ``"xdiag"`` (XDiag) — both within the same
+            ``num_probes`` products — or ``"ggn"`` (control variate: Hutchinson
+            on ``H − G`` plus the exact GGN diagonal; each probe also costs a
+            GGN-vector product; ``loss`` must be :class:`fasthess.OutputsAndLoss`).
+            See :mod:`fasthess.estimators`.
+        target_rel_error: for ``"hutchinson"`` / ``"ggn_mc"``: stop once every
+            layer's estimated relative error ``‖stderr‖₂ / ‖estimate‖₂`` is at most
+            this (``num_probes`` is then the cap; a warning if not reached).
         max_exact_entries: refuse ``method="exact"`` above this many entries in
             total (each costs about one forward pass); raise it to go bigger.
         memory_budget: bytes the batched tangents of one pass may use (default:
@@ -134,16 +152,29 @@ def diag(
         raise ValueError("on_nonfinite must be 'raise' or 'keep'")
     if method == "sampled" and num_samples < 1:
         raise ValueError("num_samples must be >= 1")
-    if method == "hutchinson" and num_probes < 2:
+    if variance_reduction is not None and method != "hutchinson":
+        raise ValueError(f"variance_reduction applies to method='hutchinson' only (got method={method!r})")
+    if target_rel_error is not None and method not in ("hutchinson", "ggn_mc"):
+        raise ValueError(f"target_rel_error applies to method='hutchinson' or 'ggn_mc' only (got method={method!r})")
+    if method in ("hutchinson", "ggn_mc") and num_probes < 2:
         raise ValueError("num_probes must be >= 2 to give a standard error")
     closures = list(loss) if isinstance(loss, (list, tuple)) else [loss]
+    if process_group is not None and method in ("ggn", "ggn_mc"):
+        raise ValueError(f"method={method!r} does not share work between ranks yet; call it without process_group")
+    plain = method == "hutchinson" and variance_reduction is None and target_rel_error is None
+    if process_group is not None and method == "hutchinson" and not plain and shard == "directions":
+        raise ValueError("shard='directions' splits the probes of plain Hutchinson only; variance_reduction and "
+                         "target_rel_error need every probe on every rank: use shard='closures' (or 'auto')")
+    if method == "hutchinson" and not plain and shard == "auto":
+        shard = "closures"  # probes are shared only where the estimate is a plain mean over them
     plan = ShardPlan(process_group, shard, method, len(closures))
     model, bypass_ddp = unwrap_ddp(model)  # names of the module inside DDP; its hooks stay idle
     if not allow_training_mode:
         check_training_mode(model)
     params = resolve_parameters(model, layers)
     device = next(iter(params.values())).device
-    eng = get_engine(engine, method, device.type)
+    # the GGN methods use torch.func jvp/vjp, not an engine; their chunks are sized as for Hutchinson
+    eng = get_engine(engine if method not in ("ggn", "ggn_mc") else "auto", "hutchinson" if method in ESTIMATED else method, device.type)
 
     start = time.perf_counter()
     with autodiff_safe(allow_dropout=allow_training_mode), bypass_ddp:
@@ -158,7 +189,7 @@ def diag(
                     "or raise max_exact_entries."
                 )
         sizes = [p.numel() if method == "exact" else min(p.numel(), num_samples) for p in objective.primals]
-        per_pass = num_probes if method == "hutchinson" else max(sizes)
+        per_pass = num_probes if method in ESTIMATED else max(sizes)
         if memory_budget is None:
             memory_budget = eng.default_budget(loss_check, available_memory_bytes(device), device.type)
         log = _Progress(progress)
@@ -166,14 +197,17 @@ def diag(
             chunk_size or auto_chunk_size(loss_check, per_pass, eng.per_tangent_bytes(loss_check), device, memory_budget),
             log,
         )
-        fallback = None
-        count = num_probes if method == "hutchinson" else num_samples if method == "sampled" else 0
+        fallback, extra = None, {}
+        count = num_probes if method in ESTIMATED else num_samples if method == "sampled" else 0
         plan.check(signature(method, objective, count, seed, probe, plan.requested), chunk)
         with plan.guard(chunk):  # a failure here is reported to the other ranks instead of hanging them
-            if method == "hutchinson":
-                layer_results, used_backend = _hutchinson(
-                    objective, eng, num_probes, probe, seed, chunk, backend, log, plan
+            if method in ESTIMATED:
+                layer_results, extra = estimators.estimate(
+                    objective, eng, chunk, method=method, num_probes=num_probes, probe=probe, seed=seed,
+                    variance_reduction=variance_reduction, target_rel_error=target_rel_error, backend=backend,
+                    log=log, plan=plan,
                 )
+                used_backend = extra.pop("backend")
             else:
                 with use_backend(backend):  # the engines' kernels (one-hot weight tangents)
                     used_backend = onehot_family.select(
@@ -192,7 +226,7 @@ def diag(
         "backend": used_backend,
         "seed": seed,
         "num_samples": num_samples if method == "sampled" else None,
-        "num_probes": num_probes if method == "hutchinson" else None,
+        "num_probes": num_probes if method in ("hutchinson", "ggn_mc") else None,
         "probe": probe if method == "hutchinson" else None,
         "num_closures": len(closures),
         "chunk_size": chunk.size,
@@ -202,6 +236,7 @@ def diag(
         "seconds": seconds,
         "nonfinite": nonfinite,
         **plan.meta(),
+        **extra,
         **describe_environment(),
     }
     result = DiagResult(layer_results, meta)
@@ -308,45 +343,3 @@ def _entries(
             indices=idx.cpu() if method == "sampled" else None,
         )
     return out, eng, fallback
-
-
-def _hutchinson(
-    objective: Objective,
-    eng: Engine,
-    num_probes: int,
-    distribution: str,
-    seed: int,
-    chunk: _Chunk,
-    backend: str,
-    log: _Progress,
-    plan: ShardPlan,
-) -> tuple[dict[str, LayerDiag], str]:
-    primals = objective.primals
-    means = [torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for p in primals]
-    m2s = [torch.zeros_like(m) for m in means]
-    used = backend
-    lo, hi = plan.probe_range(num_probes)  # all probes unless directions are sharded
-    done = lo
-    while done < hi:
-        k = min(chunk.size, hi - done)
-        zs = [z.to(p) for z, p in zip(probes([tuple(p.shape) for p in primals], done, k, distribution, seed), primals)]
-        hzs = [torch.zeros_like(z) for z in zs]
-        for c in plan.closures(len(objective)):
-            blocks = chunk.run(lambda size, c=c: eng.hvp(objective.of_all(c), primals, zs, size))
-            for acc, block in zip(hzs, blocks):
-                acc += block.detach()
-        plan.sum_over_closures_(hzs, chunk)  # closure sharding: Hz over every rank's closures
-        for mean, m2, z, hz in zip(means, m2s, zs, hzs):
-            used = hutchinson_update_(
-                mean, m2, z.reshape(k, -1), hz.reshape(k, -1) / len(objective), done - lo, backend=backend
-            )
-        done += k
-        log(f"hutchinson: {done}/{num_probes} probes")
-    plan.merge_welford_(means, m2s, hi - lo, num_probes, chunk)  # direction sharding: Chan's merge
-    out = {}
-    for name, p, mean, m2 in zip(objective.names, primals, means, m2s):
-        stderr = (m2 / (num_probes - 1) / num_probes).sqrt()
-        out[name] = LayerDiag(
-            name=name, shape=tuple(p.shape), method="hutchinson", values=mean.cpu(), stderr=stderr.cpu()
-        )
-    return out, used

@@ -147,6 +147,18 @@ class Objective:
 
     def __call__(self, index: int, values: Sequence[Tensor]) -> Tensor:
         """Loss of closure ``index`` with the selected parameters set to ``values``."""
+        loss = self.evaluate(index, values)
+        if not isinstance(loss, Tensor):
+            raise LossError(f"the loss closure returned {type(loss).__name__}, not a tensor")
+        if loss.dim() != 0:
+            raise LossError(
+                f"the loss closure returned a tensor of shape {tuple(loss.shape)}; the Hessian needs a "
+                "scalar. Reduce it, e.g. loss=lambda: criterion(model(x), y).mean()"
+            )
+        return loss
+
+    def evaluate(self, index: int, values: Sequence[Tensor]) -> Any:
+        """Whatever closure ``index`` returns (unchecked), with the selected parameters set to ``values``."""
         mapping = dict(self._fixed)
         mapping.update({n: b.clone() for n, b in self._buffers.items()})
         mapping.update({"model." + n: v for n, v in zip(self.names, values)})
@@ -158,13 +170,6 @@ class Objective:
         finally:
             if handle is not None:
                 handle.remove()
-        if not isinstance(loss, Tensor):
-            raise LossError(f"the loss closure returned {type(loss).__name__}, not a tensor")
-        if loss.dim() != 0:
-            raise LossError(
-                f"the loss closure returned a tensor of shape {tuple(loss.shape)}; the Hessian needs a "
-                "scalar. Reduce it, e.g. loss=lambda: criterion(model(x), y).mean()"
-            )
         return loss
 
     def of(self, index: int, position: int) -> Callable[[Tensor], Tensor]:

@@ -36,6 +36,9 @@ CASES = {
     "hutchinson-closures": dict(method="hutchinson", shard="closures", num_probes=7, chunk_size=2),
     "hutchinson-directions": dict(method="hutchinson", shard="directions", num_probes=7, chunk_size=2),
     "hutchinson-closures-gaussian": dict(method="hutchinson", shard="closures", num_probes=5, probe="gaussian"),
+    # variance-reduced estimators share the closures (auto), every HVP summed over the ranks
+    "hutchinson-diagpp-auto": dict(method="hutchinson", variance_reduction="diagpp", num_probes=6),
+    "hutchinson-xdiag-closures": dict(method="hutchinson", shard="closures", variance_reduction="xdiag", num_probes=6),
 }
 
 
@@ -136,7 +139,8 @@ def test_two_ranks_equal_one_process(two_ranks: list[dict], case: str) -> None:
     for rank, saved in enumerate(two_ranks):
         got = saved[case]
         assert got.meta["world_size"] == WORLD and got.meta["num_closures"] == 3
-        assert got.meta["shard"] == CASES[case].get("shard", "directions")  # auto: 3 closures on 2 ranks
+        auto = "closures" if "variance_reduction" in kw else "directions"  # auto: 3 closures on 2 ranks
+        assert got.meta["shard"] == CASES[case].get("shard", auto)
         assert list(got.layers) == list(want.layers)
         for name, w in want.layers.items():
             g = got[name]
@@ -319,3 +323,12 @@ def test_two_ranks_on_cuda_equal_one_cpu_process(backend: str, tmp_path: Path) -
             assert got[case].meta["dist_backend"] == backend and got[case].meta["shard"] == kw["shard"]
             for name, w in want.layers.items():
                 assert_entries_close(got[case][name].values, w.values, rtol, atol_rel, f"{backend} rank {rank} {case} {name}")
+
+
+def test_estimators_that_cannot_be_shared_say_how() -> None:
+    model, closures, layers = _problem()
+    with pytest.raises(ValueError, match="shard='closures'"):
+        fasthess.diag(model, closures, layers, method="hutchinson", variance_reduction="diagpp", num_probes=4,
+                      process_group="world", shard="directions")
+    with pytest.raises(ValueError, match="without process_group"):
+        fasthess.diag(model, closures, layers, method="ggn", process_group="world")

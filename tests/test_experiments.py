@@ -159,3 +159,18 @@ def test_three_optimizers_are_each_compared_with_the_reference(tmp_path: Path) -
         want = runs["sgdm"]["hessians"]["4"]["r_med"][row["layer"]] / runs[row["other"]]["hessians"]["4"]["r_med"][row["layer"]]
         assert abs(row["ratio_mean"] - want) < 1e-12
     assert (out / "table.md").read_text().count("| step | layer |") == 2
+
+
+def test_estimator_study_quick_writes_every_estimator_against_the_exact_diagonal(tmp_path) -> None:
+    import estimator_study
+
+    out = tmp_path / "study"
+    assert estimator_study.main(["--quick", "--out", str(out)]) == 0
+    rows = json.loads((out / "estimator_study.json").read_text())["rows"]
+    assert {r["estimator"] for r in rows} == set(estimator_study.ESTIMATORS)
+    assert {r["state"] for r in rows} == {"init", "trained"}
+    for r in rows:
+        assert r["rel_error"] > 0 and r["cost_products"] > 0
+        if r["estimator"] == "hutchinson":
+            assert r["gain_vs_hutchinson"] == 1.0 and r["cost_products"] == r["budget"]
+    assert (out / "estimator_study.md").read_text().startswith("| state | layer |")

@@ -62,3 +62,25 @@ ATTENTION_FINITE_DIFFERENCE = (1e-4, 1e-5)
 # and the fraction of agreeing signs of two different seeds within 0.5 ± this.
 RADEMACHER_MEAN_BOUND = 0.0175
 RADEMACHER_AGREEMENT_BAND = 0.0175
+
+# Variance-reduced estimators (tests/test_estimators.py, fixed seeds).
+# Unbiasedness: over R repeats, each entry's mean error divided by its standard error
+# of the mean is ~N(0, 1); the largest |z| over a layer's entries stays below this.
+ESTIMATOR_BIAS_Z = 4.5
+# Reported standard errors: mean reported variance / empirical variance over repeats.
+STDERR_CALIBRATION_BAND = (0.75, 1.3)
+# XDiag's std_i(d_i)/sqrt(m) is a heuristic (the d_i share the sketch): a looser band.
+XDIAG_STDERR_BAND = (0.5, 2.0)
+# Diag++ / XDiag must beat plain Hutchinson's mean squared error at an equal budget
+# on a dense Hessian with a dominant eigenvalue by at least this factor.
+DEFLATION_MSE_GAIN = 1.5
+# Plumbing: fasthess.diag against the same estimator on the dense float64 Hessian
+# with the same seed (same probes): equal up to round-off.
+SAME_PROBES_RTOL = 1e-8
+# Adaptive stopping: the true relative error at the stop, median over seeds, is at
+# most this multiple of target_rel_error.
+ADAPTIVE_TRUE_ERROR_FACTOR = 1.5
+# stats.r_med_noise_bias against the bias of Hutchinson R_med measured with the exact
+# diagonal (mean over 20 seeds): predicted / measured. Re-noising an already noisy
+# estimate under-predicts (measured on the zoo MLP: 0.41-0.45), hence a wide band.
+NOISE_BIAS_PREDICTION_BAND = (0.2, 2.0)

@@ -20,6 +20,9 @@ class Case:
     model: nn.Module
     loss: Callable[[], Tensor]
     layers: list[str]
+    # the loss split at the network outputs (for the Gauss-Newton methods): loss() == criterion(outputs())
+    outputs: Callable[[], Tensor] | None = None
+    criterion: Callable[[Tensor], Tensor] | None = None
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -31,7 +34,10 @@ def mlp() -> Case:
     model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
     x = torch.randn(11, 5, dtype=torch.float64, generator=_gen(1))
     y = torch.randint(0, 3, (11,), generator=_gen(2))
-    return Case("mlp", model, lambda: F.cross_entropy(model(x), y), ["0.weight", "2.bias", "4.weight"])
+    return Case(
+        "mlp", model, lambda: F.cross_entropy(model(x), y), ["0.weight", "2.bias", "4.weight"],
+        outputs=lambda: model(x), criterion=lambda out: F.cross_entropy(out, y),
+    )
 
 
 class AttentionBlock(nn.Module):
@@ -79,6 +85,8 @@ def encoder() -> Case:
         model,
         lambda: F.cross_entropy(model(x, pad), y),
         ["encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.1.linear1.weight", "encoder.layers.1.norm2.weight"],
+        outputs=lambda: model(x, pad),
+        criterion=lambda out: F.cross_entropy(out, y),
     )
 
 
@@ -229,7 +237,21 @@ def full_hessian(case: Case, name: str) -> Tensor:
     return H.detach().reshape(p.numel(), p.numel())
 
 
-def _loss_with(case: Case, name: str, w: Tensor) -> Tensor:
+def dense_ggn(case: Case, name: str) -> Tensor:
+    """The dense ``(n, n)`` float64 generalised Gauss-Newton matrix ``Jᵀ H_ℓ J`` of one parameter."""
+    import fasthess
+    from torch.func import hessian, jacrev
+
+    p = dict(case.model.named_parameters())[name].detach()
+    with fasthess.autodiff_safe():
+        J = jacrev(lambda w: _loss_with(case, name, w, case.outputs))(p)
+        out = case.outputs().detach()
+        HL = hessian(lambda o: case.criterion(o.reshape(out.shape)))(out.reshape(-1))
+    J = J.detach().reshape(out.numel(), p.numel())
+    return J.T @ HL.detach() @ J
+
+
+def _loss_with(case: Case, name: str, w: Tensor, fn: Callable[[], Tensor] | None = None) -> Tensor:
     from torch.func import functional_call
 
     class Run(nn.Module):
@@ -238,6 +260,6 @@ def _loss_with(case: Case, name: str, w: Tensor) -> Tensor:
             self.model = case.model
 
         def forward(self) -> Tensor:
-            return case.loss()
+            return (fn or case.loss)()
 
     return functional_call(Run(), {"model." + name: w}, ())
