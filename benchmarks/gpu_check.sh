@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.
 step build 200 $py setup.py build_ext --inplace
 step backends 30 $py -c "from fasthess.kernels.attention import family, cuda_ext_available, triton_available; print('available:', family.available()); assert cuda_ext_available() and triton_available()"
 step tests 120 $py -m pytest -q -m gpu tests/test_gpu.py tests/test_distributed.py
-step tests-kernels 150 $py -m pytest -q -m gpu tests/test_gpu_kernels.py
+step tests-kernels 240 $py -m pytest -q -m gpu tests/test_gpu_kernels.py
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck-cuda 60 compute-sanitizer --tool memcheck --error-exitcode 9 $py benchmarks/attention_sanitize.py cuda
   step memcheck-cuda-rowwise 60 env FASTHESS_CUDA_ATTENTION_ROWWISE=1 \
