@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from . import stats
 from .api import diag
+from .blocks import block, rows
 from .decompositions import autodiff_safe
 from .errors import (
     BackendUnavailableError,
@@ -42,8 +43,10 @@ __all__ = [
     "NonFiniteCurvatureError",
     "TrainingModeError",
     "autodiff_safe",
+    "block",
     "default_parameters",
     "diag",
     "resolve_parameters",
+    "rows",
     "stats",
 ]

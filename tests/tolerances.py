@@ -44,3 +44,9 @@ def assert_entries_close(got: torch.Tensor, want: torch.Tensor, rtol: float, ato
         f"{what}: entry {worst} got {float(got[worst]):.10e}, want {float(want[worst]):.10e} "
         f"(|err| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e})"
     )
+
+# fasthess.rows / fasthess.block (HVP engines) against the dense float64 Hessian:
+# (rtol, atol_rel) per row, as in ENGINE_VS_DENSE
+BLOCK_VS_DENSE = {
+    torch.float64: (1e-7, 1e-9),
+}
