@@ -40,7 +40,7 @@ def spectrum_statistics(w: torch.Tensor) -> dict:
     Example:
         >>> s = spectrum_statistics(torch.outer(torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([3.0, 0.0, 4.0])))
         >>> round(s["energy_1"], 6), round(s["stable_rank"], 6), round(s["r_u"], 6), round(s["r_v"], 6)
-        (1.0, 1.0, 4.0, inf)
+        (1.0, 1.0, 4.0, 1.777778)
     """
     u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
     energy = s.square()

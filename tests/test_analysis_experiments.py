@@ -155,3 +155,12 @@ def test_smoothness_driver_spectrum_of_the_block(
     m = smoothness_init.init_with_gain(torch.nn.Transformer(4, 2, 1, 1, 6), 800.0, 0)
     w = m.encoder.layers[0].linear1.weight
     assert 0.5 * 800 * (6 / 10) ** 0.5 < float(w.abs().max()) <= 800 * (6 / 10) ** 0.5
+
+
+@pytest.mark.parametrize("name", ["diag_dominance", "gradient_alignment", "low_rank", "smoothness_init"])
+def test_driver_docstring_examples(name: str) -> None:
+    """The examples in the drivers' docstrings (the suite's --doctest-modules covers fasthess/ only)."""
+    import doctest
+
+    result = doctest.testmod(importlib.import_module(name), verbose=False)
+    assert result.attempted > 0 and result.failed == 0
