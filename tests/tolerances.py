@@ -21,6 +21,13 @@ ENGINE_VS_DENSE = {
     (torch.float32, "tangent_adjoint"): (1e-3, 1e-4),
 }
 
+# fasthess.rows / fasthess.block (HVP engines) against a dense Hessian or diagonal:
+# dtype -> (rtol, atol_rel), as in ENGINE_VS_DENSE
+BLOCK_VS_DENSE = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-3, 1e-4),
+}
+
 # Kernel backends against their pure-torch reference: dtype -> (rtol, atol)
 KERNEL_VS_REFERENCE = {
     torch.float64: (1e-12, 1e-12),
@@ -44,9 +51,3 @@ def assert_entries_close(got: torch.Tensor, want: torch.Tensor, rtol: float, ato
         f"{what}: entry {worst} got {float(got[worst]):.10e}, want {float(want[worst]):.10e} "
         f"(|err| {float(err[worst]):.3e} > bound {float(bound[worst]):.3e})"
     )
-
-# fasthess.rows / fasthess.block (HVP engines) against the dense float64 Hessian:
-# (rtol, atol_rel) per row, as in ENGINE_VS_DENSE
-BLOCK_VS_DENSE = {
-    torch.float64: (1e-7, 1e-9),
-}
