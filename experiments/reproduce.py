@@ -32,6 +32,10 @@ EXPERIMENTS = {
     "table8": ("compare_optimizers.py", "table8", "Table 8: SGD switched to Adam vs Adam", "trans-de-en"),
     "table9": ("compare_optimizers.py", "table9", "Table 9: weight decay 0.001", "trans-de-en"),
     "table10": ("compare_optimizers.py", "table10", "Table 10: ResNet on images", "mnist5k"),
+    "smoothness": ("smoothness_init.py", None, "Section 3.1: l and κ of a layer's Hessian at init, gain 1 vs 800", None),
+    "dominance": ("diag_dominance.py", None, "Appendix E: diagonal dominance of Hessian rows over training", "trans-de-en"),
+    "alignment": ("gradient_alignment.py", None, "Section 4.3: |g_i| and |g_adapt,i| against |H_ii|", "trans-de-en"),
+    "lowrank": ("low_rank.py", None, "Section 6: low rank of weights, R_u and R_v of singular vectors", "trans-de-en"),
 }
 EXPERIMENTS["figure1a"] = EXPERIMENTS["table7"]
 
@@ -41,8 +45,9 @@ def command(name: str, preset: str, out: Path | None) -> list[str]:
     cmd = [sys.executable, str(HERE / driver)]
     if driver == "quick_demo.py":
         return cmd + ["--out", str(out or Path("runs") / name)]
-    cmd += [config, "--preset", preset] if driver != "theorem1_linear.py" else ["--preset", preset]
-    return cmd + ["--out", str(out or Path("runs") / config)]
+    if config is None or driver == "theorem1_linear.py":  # drivers with one config of their own
+        return cmd + ["--preset", preset] + (["--out", str(out)] if out else [])
+    return cmd + [config, "--preset", preset, "--out", str(out or Path("runs") / config)]
 
 
 def main() -> None:

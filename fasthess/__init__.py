@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from . import stats
 from .api import diag
+from .blocks import block, rows
 from .decompositions import autodiff_safe
 from .estimators import OutputsAndLoss
 from .errors import (
@@ -46,8 +47,10 @@ __all__ = [
     "OutputsAndLoss",
     "TrainingModeError",
     "autodiff_safe",
+    "block",
     "default_parameters",
     "diag",
     "resolve_parameters",
+    "rows",
     "stats",
 ]

@@ -25,6 +25,13 @@ ENGINE_VS_DENSE = {
 # order of the sums differs. (rtol, atol_rel) as for ENGINE_VS_DENSE.
 DISTRIBUTED_VS_SINGLE = (1e-9, 1e-12)
 
+# fasthess.rows / fasthess.block (HVP engines) against a dense Hessian or diagonal:
+# dtype -> (rtol, atol_rel), as in ENGINE_VS_DENSE
+BLOCK_VS_DENSE = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-3, 1e-4),
+}
+
 # Kernel backends against their pure-torch reference: dtype -> (rtol, atol)
 KERNEL_VS_REFERENCE = {
     torch.float64: (1e-12, 1e-12),

@@ -1,0 +1,152 @@
+"""Checkpoints of one seq2seq model per optimizer, shared by the analysis drivers.
+
+``diag_dominance.py`` (Appendix E), ``gradient_alignment.py`` (Section 4.3 / A.6) and
+``low_rank.py`` (Section 6 / A.5) analyse the same training runs: the Table 2(a)
+Transformer trained from one initialisation by each optimizer of
+``configs/analysis.json``, saved (model and optimizer state) at
+``checkpoint_steps``. Whichever driver runs first trains; the others load. Training
+resumes from the last saved checkpoint, and a checkpoint directory made with a
+different training config is refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from compare_optimizers import Seq2Seq, make_data, seq2seq_loss  # noqa: E402
+from optimizers import make_optimizer  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+TRAIN_KEYS = ("seed", "model", "data", "optimizers", "steps", "checkpoint_steps")
+
+
+def parse(description: str, name: str) -> tuple[dict, Path, dict]:
+    """Command line of an analysis driver: ``--preset``, ``--config``, ``--out``.
+
+    Returns the preset's config, the run directory (``runs/analysis`` by default,
+    shared with the other analyses so they reuse the checkpoints) and the
+    provenance (git commit, versions) taken now, before any work.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--config", type=Path, default=HERE / "configs" / "analysis.json")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/analysis-PRESET)")
+    args = parser.parse_args()
+    cfg = json.loads(args.config.read_text())[args.preset]
+    out = args.out or Path("runs") / f"analysis-{args.preset}"
+    (out / name).mkdir(parents=True, exist_ok=True)
+    return cfg, out, {"driver": name, "preset": args.preset, "config": cfg, **provenance()}
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """The seq2seq Transformer of the config, with the initialisation of ``cfg['seed']``."""
+    torch.manual_seed(cfg["seed"])
+    m = cfg["model"]
+    return Seq2Seq(m["vocab"], m["d_model"], m["heads"], m["enc_layers"], m["dec_layers"], m["ff"],
+                   max(cfg["data"]["src_len"], cfg["data"]["tgt_len"]))
+
+
+def hessian_loss(model: nn.Module, data: dict, cfg: dict) -> list:
+    """The loss on the fixed Hessian batch (the first ``hessian_examples`` pairs), as micro-batch closures."""
+    n, mb = cfg["data"]["hessian_examples"], cfg["data"]["hessian_micro_batch"]
+    return [lambda s=s: seq2seq_loss(model, data["src"][s : s + mb], data["tgt"][s : s + mb]) for s in range(0, n, mb)]
+
+
+def _path(out: Path, opt_name: str, step: int) -> Path:
+    return out / "train" / f"{opt_name}-step{step}.pt"
+
+
+def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
+    """``{optimizer: {step: checkpoint path}}``, training (or resuming) whatever is missing."""
+    stamp = out / "train" / "config.json"
+    train_cfg = {k: cfg[k] for k in TRAIN_KEYS}
+    if stamp.exists() and json.loads(stamp.read_text()) != train_cfg:
+        raise ValueError(f"{out / 'train'} holds checkpoints of a different training config; pass another --out "
+                         "or delete that directory")
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(train_cfg, indent=1))
+    for opt_name in cfg["optimizers"]:
+        if not all(_path(out, opt_name, s).exists() for s in cfg["checkpoint_steps"]):
+            train(cfg, opt_name, data, out)
+    return {o: {s: _path(out, o, s) for s in cfg["checkpoint_steps"]} for o in cfg["optimizers"]}
+
+
+def train(cfg: dict, opt_name: str, data: dict, out: Path) -> None:
+    """Train with ``opt_name`` from the shared initialisation, saving at every checkpoint step.
+
+    Mini-batches and dropout masks are fixed per step, so a resumed run ends where an
+    uninterrupted one would.
+    """
+    model = build_model(cfg)
+    opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
+    losses: list[float] = []
+    done = [s for s in cfg["checkpoint_steps"] if _path(out, opt_name, s).exists()]
+    if done:
+        saved = torch.load(_path(out, opt_name, max(done)), weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        losses = saved["losses"]
+    step, start = len(losses), time.perf_counter()
+    last = max(cfg["checkpoint_steps"])
+    while True:
+        if step in cfg["checkpoint_steps"] and not _path(out, opt_name, step).exists():
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": list(losses),
+                        "step": step}, _path(out, opt_name, step))
+        if step >= last:
+            break
+        model.train()
+        g = torch.Generator().manual_seed(hash((cfg["seed"], 0, step)) % 2**62)
+        idx = torch.randint(0, data["src"].shape[0], (cfg["data"]["batch"],), generator=g)
+        torch.manual_seed(hash((cfg["seed"], 0, step, 1)) % 2**62)
+        opt.zero_grad()
+        loss = seq2seq_loss(model, data["src"][idx], data["tgt"][idx])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % max(1, last // 5) == 0:
+            recent = losses[-20:]
+            print(f"  train {opt_name} step {step}/{last}  loss {sum(recent) / len(recent):.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def load(cfg: dict, path: Path, opt_name: str) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+    """Model (in eval mode), optimizer and saved record of one checkpoint."""
+    saved = torch.load(path, weights_only=False)
+    model = build_model(cfg)
+    model.load_state_dict(saved["model"])
+    opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
+    opt.load_state_dict(saved["optimizer"])
+    return model.eval(), opt, saved
+
+
+def prepare(cfg: dict, out: Path) -> tuple[dict, dict[str, dict[int, Path]]]:
+    """The data of the config and the checkpoints of every optimizer (trained if missing)."""
+    data = make_data(cfg, cfg["seed"])
+    return data, checkpoints(cfg, out, data)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def pyplot():
+    """matplotlib's pyplot with a file backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
