@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 
 from compare_optimizers import Seq2Seq, make_data, seq2seq_loss  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
+from plots import pyplot  # noqa: E402,F401  (re-exported for the analysis drivers)
 from provenance import provenance  # noqa: E402
 
 TRAIN_KEYS = ("seed", "model", "data", "optimizers", "steps", "checkpoint_steps")
@@ -138,15 +139,3 @@ def prepare(cfg: dict, out: Path) -> tuple[dict, dict[str, dict[int, Path]]]:
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1))
-
-
-def pyplot():
-    """matplotlib's pyplot with a file backend, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
