@@ -161,13 +161,8 @@ def diag(
     closures = list(loss) if isinstance(loss, (list, tuple)) else [loss]
     if process_group is not None and method in ("ggn", "ggn_mc"):
         raise ValueError(f"method={method!r} does not share work between ranks yet; call it without process_group")
-    plain = method == "hutchinson" and variance_reduction is None and target_rel_error is None
-    if process_group is not None and method == "hutchinson" and not plain and shard == "directions":
-        raise ValueError("shard='directions' splits the probes of plain Hutchinson only; variance_reduction and "
-                         "target_rel_error need every probe on every rank: use shard='closures' (or 'auto')")
-    if method == "hutchinson" and not plain and shard == "auto":
-        shard = "closures"  # probes are shared only where the estimate is a plain mean over them
-    plan = ShardPlan(process_group, shard, method, len(closures))
+    plan = ShardPlan(process_group, shard, method, len(closures),
+                     probes_shareable=variance_reduction is None and target_rel_error is None)
     model, bypass_ddp = unwrap_ddp(model)  # names of the module inside DDP; its hooks stay idle
     if not allow_training_mode:
         check_training_mode(model)

@@ -118,6 +118,9 @@ class ShardPlan:
         shard: ``"auto"``, ``"closures"`` or ``"directions"``.
         method: the ``fasthess.diag`` method (``"auto"`` depends on it).
         num_closures: how many loss closures every rank passed.
+        probes_shareable: whether Hutchinson's probes may be split between ranks
+            (a plain mean over probes); variance-reduced or adaptively stopped
+            estimates need every probe on every rank, so they share closures.
 
     Raises:
         DistributedError: a process group is given but torch.distributed is not
@@ -129,9 +132,18 @@ class ShardPlan:
         ([0, 1, 2], (0, 10), 1)
     """
 
-    def __init__(self, process_group: Any, shard: str, method: str, num_closures: int) -> None:
+    def __init__(
+        self, process_group: Any, shard: str, method: str, num_closures: int, probes_shareable: bool = True
+    ) -> None:
         if shard not in SHARDS:
             raise ValueError(f"unknown shard {shard!r}; choose one of {SHARDS}")
+        if method == "hutchinson" and not probes_shareable:
+            if process_group is not None and shard == "directions":
+                raise ValueError(
+                    "shard='directions' splits the probes of plain Hutchinson only; variance_reduction and "
+                    "target_rel_error need every probe on every rank: use shard='closures' (or 'auto')"
+                )
+            shard = "closures"
         self.requested = shard
         self.group = None
         self.rank, self.world = 0, 1
