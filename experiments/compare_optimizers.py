@@ -100,10 +100,11 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
     start = time.perf_counter()
     while True:
         step = state["step"]
-        if step in snapshots:  # weights only, for comparisons at equal loss (Table 7, Figure 1(a))
+        if step in snapshots:  # for comparisons at equal loss (Table 7, Figure 1(a)) and the analyses
             snap = out / "snapshots" / f"{opt_name}-r{repeat}-s{step}.pt"
             snap.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), snap)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": list(state["losses"]),
+                        "step": step}, snap)
         if step in cfg["eval_steps"] and str(step) not in state["hessians"]:
             model.eval()
             res = fasthess.diag(model, hess_loss, hessian_layers(cfg), num_samples=cfg["num_samples"], seed=cfg["seed"])

@@ -62,7 +62,8 @@ class Snapshots:
     def model(self, optimizer: str, repeat: int, step: int) -> torch.nn.Module:
         torch.manual_seed(self.cfg["seed"])
         model = self.task.build(self.cfg, self.data)
-        model.load_state_dict(torch.load(self.out / "snapshots" / f"{optimizer}-r{repeat}-s{step}.pt"))
+        model.load_state_dict(torch.load(self.out / "snapshots" / f"{optimizer}-r{repeat}-s{step}.pt",
+                                         weights_only=False)["model"])
         return model.eval()
 
     def hessian_loss(self, model: torch.nn.Module) -> list:

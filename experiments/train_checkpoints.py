@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_optimizers import Seq2Seq, make_data, seq2seq_loss  # noqa: E402
+from compare_optimizers import Seq2Seq, make_data, run_repeat, seq2seq_loss  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402,F401  (re-exported for the analysis drivers)
 from provenance import provenance  # noqa: E402
@@ -64,11 +63,16 @@ def hessian_loss(model: nn.Module, data: dict, cfg: dict) -> list:
 
 
 def _path(out: Path, opt_name: str, step: int) -> Path:
-    return out / "train" / f"{opt_name}-step{step}.pt"
+    return out / "train" / "snapshots" / f"{opt_name}-r0-s{step}.pt"
 
 
 def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
-    """``{optimizer: {step: checkpoint path}}``, training (or resuming) whatever is missing."""
+    """``{optimizer: {step: checkpoint path}}``, training (or resuming) whatever is missing.
+
+    The training is ``compare_optimizers.run_repeat`` (repeat 0: the same mini-batches,
+    dropout masks and resumable checkpoints as the tables) with snapshots of model,
+    optimizer state and losses at ``checkpoint_steps``.
+    """
     stamp = out / "train" / "config.json"
     train_cfg = {k: cfg[k] for k in TRAIN_KEYS}
     if stamp.exists() and json.loads(stamp.read_text()) != train_cfg:
@@ -76,49 +80,18 @@ def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
                          "or delete that directory")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(train_cfg, indent=1))
-    for opt_name in cfg["optimizers"]:
-        if not all(_path(out, opt_name, s).exists() for s in cfg["checkpoint_steps"]):
-            train(cfg, opt_name, data, out)
-    return {o: {s: _path(out, o, s) for s in cfg["checkpoint_steps"]} for o in cfg["optimizers"]}
-
-
-def train(cfg: dict, opt_name: str, data: dict, out: Path) -> None:
-    """Train with ``opt_name`` from the shared initialisation, saving at every checkpoint step.
-
-    Mini-batches and dropout masks are fixed per step, so a resumed run ends where an
-    uninterrupted one would.
-    """
-    model = build_model(cfg)
-    opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
-    losses: list[float] = []
-    done = [s for s in cfg["checkpoint_steps"] if _path(out, opt_name, s).exists()]
-    if done:
-        saved = torch.load(_path(out, opt_name, max(done)), weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        losses = saved["losses"]
-    step, start = len(losses), time.perf_counter()
     last = max(cfg["checkpoint_steps"])
-    while True:
-        if step in cfg["checkpoint_steps"] and not _path(out, opt_name, step).exists():
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": list(losses),
-                        "step": step}, _path(out, opt_name, step))
-        if step >= last:
-            break
-        model.train()
-        g = torch.Generator().manual_seed(hash((cfg["seed"], 0, step)) % 2**62)
-        idx = torch.randint(0, data["src"].shape[0], (cfg["data"]["batch"],), generator=g)
-        torch.manual_seed(hash((cfg["seed"], 0, step, 1)) % 2**62)
-        opt.zero_grad()
-        loss = seq2seq_loss(model, data["src"][idx], data["tgt"][idx])
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if step % max(1, last // 5) == 0:
-            recent = losses[-20:]
-            print(f"  train {opt_name} step {step}/{last}  loss {sum(recent) / len(recent):.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    run_cfg = {**cfg, "steps": last, "eval_steps": [], "snapshot_steps": cfg["checkpoint_steps"],
+               "checkpoint_every": cfg.get("checkpoint_every", max(1, last // 6))}
+    paths = {o: {s: _path(out, o, s) for s in cfg["checkpoint_steps"]} for o in cfg["optimizers"]}
+    for opt_name, by_step in paths.items():
+        if not all(p.exists() for p in by_step.values()):
+            run_repeat(run_cfg, opt_name, 0, data, out / "train")
+        missing = [str(p) for p in by_step.values() if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"checkpoints {missing} are missing from a finished run; delete {out / 'train'} "
+                                    "to train again")
+    return paths
 
 
 def load(cfg: dict, path: Path, opt_name: str) -> tuple[nn.Module, torch.optim.Optimizer, dict]:

@@ -51,9 +51,9 @@ def test_analysis_drivers_share_checkpoints_and_cross_check(
 ) -> None:
     cfg_path, out = _tiny_analysis_config(tmp_path), tmp_path / "out"
     first = _run("diag_dominance", cfg_path, out, capsys, monkeypatch)
-    assert "train sgdm" in first and "diag_dominance: adam step 4 done" in first
-    assert sorted(p.name for p in (out / "train").glob("*.pt")) == sorted(
-        f"{o}-step{s}.pt" for o in ("adam", "sgdm") for s in (0, 2, 4))
+    assert "sgdm r0 step 4/4" in first and "diag_dominance: adam step 4 done" in first
+    assert sorted(p.name for p in (out / "train/snapshots").glob("*.pt")) == sorted(
+        f"{o}-r0-s{s}.pt" for o in ("adam", "sgdm") for s in (0, 2, 4))
     dom = json.loads((out / "diag_dominance/results.json").read_text())
     assert dom["meta"]["git_commit"] and dom["meta"]["config"]["steps"] == 4
     assert len(dom["summary"]) == 2 * 3 * 2  # optimizers x checkpoints x layers
@@ -63,7 +63,7 @@ def test_analysis_drivers_share_checkpoints_and_cross_check(
     # the rows' diagonal entries are the Hessian diagonal fasthess.diag computes at the same checkpoint
     cfg = json.loads(cfg_path.read_text())["quick"]
     rec = json.loads((out / "diag_dominance/records/adam-step4.json").read_text())["layers"][LAYER]
-    model, opt, _ = train_checkpoints.load(cfg, out / "train/adam-step4.pt", "adam")
+    model, opt, _ = train_checkpoints.load(cfg, out / "train/snapshots/adam-r0-s4.pt", "adam")
     data = train_checkpoints.make_data(cfg, cfg["seed"])
     exact = fasthess.diag(model, train_checkpoints.hessian_loss(model, data, cfg), [LAYER], method="exact")[LAYER]
     want = exact.values[rec["indices"]].abs()
@@ -94,7 +94,7 @@ def test_analysis_drivers_share_checkpoints_and_cross_check(
 
     # resumable: a second run recomputes nothing and gives the same summary
     again = _run("diag_dominance", cfg_path, out, capsys, monkeypatch)
-    assert "done" not in again and "train " not in again
+    assert "done" not in again and " r0 step" not in again
     assert json.loads((out / "diag_dominance/results.json").read_text())["summary"] == dom["summary"]
 
     # checkpoints of another training config are refused, not mixed
@@ -105,19 +105,30 @@ def test_analysis_drivers_share_checkpoints_and_cross_check(
         _run("low_rank", cfg_path, out, capsys, monkeypatch)
 
 
-def test_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_shared_training_is_the_tables_training(tmp_path: Path) -> None:
+    """The analyses' checkpoints come from compare_optimizers.run_repeat (same batches, dropout, resume)."""
     cfg = json.loads(_tiny_analysis_config(tmp_path).read_text())["quick"]
     data = train_checkpoints.make_data(cfg, cfg["seed"])
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    train_checkpoints.checkpoints(cfg, whole, data)
-    train_checkpoints.checkpoints(cfg, part, data)
-    (part / "train/sgdm-step4.pt").unlink()  # killed after step 2: resumes from the step-2 checkpoint
-    train_checkpoints.train(cfg, "sgdm", data, part)
-    a = torch.load(whole / "train/sgdm-step4.pt", weights_only=False)
-    b = torch.load(part / "train/sgdm-step4.pt", weights_only=False)
-    assert a["losses"] == b["losses"]
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    paths = train_checkpoints.checkpoints(cfg, tmp_path / "a", data)
+    record = json.loads((tmp_path / "a/train/runs/sgdm-r0.json").read_text())
+    for step, path in paths["sgdm"].items():
+        saved = torch.load(path, weights_only=False)
+        assert saved["step"] == step and saved["losses"] == record["losses"][:step]
+        assert set(saved) == {"model", "optimizer", "losses", "step"}
+    final = torch.load(paths["sgdm"][max(paths["sgdm"])], weights_only=False)
+    torch.manual_seed(cfg["seed"])
+    model = train_checkpoints.build_model(cfg)
+    opt = train_checkpoints.make_optimizer(cfg["optimizers"]["sgdm"], model.parameters())
+    for step in range(max(paths["sgdm"])):  # the same steps, by hand
+        g = torch.Generator().manual_seed(hash((cfg["seed"], 0, step)) % 2**62)
+        idx = torch.randint(0, data["src"].shape[0], (cfg["data"]["batch"],), generator=g)
+        torch.manual_seed(hash((cfg["seed"], 0, step, 1)) % 2**62)
+        model.train()
+        opt.zero_grad()
+        train_checkpoints.seq2seq_loss(model, data["src"][idx], data["tgt"][idx]).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(final["model"][k], v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgdm"])
