@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from optimizers import make_optimizer  # noqa: E402
 from parallel import run_jobs  # noqa: E402
-from plots import plot_losses, plot_rmed  # noqa: E402
+from plots import plot_losses, plot_rmed, plot_rmed_over_time  # noqa: E402
 from provenance import provenance  # noqa: E402
 from tasks import Seq2Seq, get_task, seq2seq_loss  # noqa: E402,F401  (Seq2Seq, seq2seq_loss: for importers)
 
@@ -225,6 +225,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
     plot_losses(records, out / "losses.png", f"{args.experiment} ({args.preset}): training loss")
     plot_rmed(rows, out / "rmed.png", f"{args.experiment} ({args.preset}): R_med per layer")
+    plot_rmed_over_time(rows, out / "rmed_over_time.png", f"{args.experiment} ({args.preset})")
     print(write_table(rows, cfg, f"{args.experiment} ({args.preset})", out))
 
 

@@ -68,3 +68,33 @@ def plot_rmed(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_rmed_over_time(rows: list[dict], path: Path, title: str) -> None:
+    """Per-layer ratio R_med(reference) / R_med(other) against the step (thin lines) and its median (thick).
+
+    Drawn only when the run evaluated more than one step.
+    """
+    plt = pyplot()
+    steps = sorted({r["step"] for r in rows})
+    if plt is None or len(steps) < 2:
+        return
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r.get("variant", ""), r["other"])].append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, ((variant, other), rs) in zip(axes[0], groups.items()):
+        by_layer = defaultdict(dict)
+        for r in rs:
+            by_layer[r["layer"]][r["step"]] = r["ratio_mean"]
+        for series in by_layer.values():
+            ax.plot(steps, [series.get(s, float("nan")) for s in steps], color="grey", lw=0.6, alpha=0.6)
+        medians = [sorted(v[s] for v in by_layer.values())[len(by_layer) // 2] for s in steps]
+        ax.plot(steps, medians, "o-", color="black", lw=2, label="median over layers")
+        ax.axhline(1.0, color="red", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel=f"R_med {rs[0]['reference']} / R_med {other}", title=f"{title} {variant}".strip())
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

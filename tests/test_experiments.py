@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def test_compare_optimizers_table_and_resume(tmp_path: Path) -> None:
         ratios = [runs[("sgdm", i)]["hessians"][step]["r_med"][layer] / runs[("adam", i)]["hessians"][step]["r_med"][layer]
                   for i in (0, 1)]
         assert abs(row["ratio_mean"] - sum(ratios) / 2) < 1e-12
+    if importlib.util.find_spec("matplotlib"):  # two evaluated steps: R_med over time too
+        assert all((out / f).stat().st_size > 0 for f in ("losses.png", "rmed.png", "rmed_over_time.png"))
     # a run killed after its step-4 checkpoint resumes there and ends exactly where the uninterrupted one did
     first = runs[("adam", 1)]
     (out / "runs" / "adam-r1.json").unlink()
