@@ -65,7 +65,11 @@ def launch_config(d: int) -> tuple[int, int, int]:
 def layer_norm_jet2_triton(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, x1: Tensor, x2: Tensor, eps: float = 1e-5
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backend; same contract as :func:`.reference.layer_norm_jet2` (float64 math for float64 inputs)."""
+    """Triton backend; same contract as :func:`.reference.layer_norm_jet2` (float64 math for float64 inputs).
+
+    Triton passes the float ``eps`` as float32: a float64 row whose variance is far below ``eps``
+    sees ``eps`` rounded to 7 digits.
+    """
     d = x.shape[-1]
     if d > MAX_D:
         raise ValueError(f"the triton layer-norm kernel takes D <= {MAX_D}, got {d}; use backend='torch'")
@@ -77,7 +81,7 @@ def layer_norm_jet2_triton(
     block_r, block_d, warps = launch_config(d)
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
     _layer_norm_jet2_kernel[(triton.cdiv(rows, block_r),)](
-        xc, weight if weight is not None else xc, bias if bias is not None else xc, x1c, x2c, y, y1, y2,
+        xc, *(t.contiguous() if t is not None else xc for t in (weight, bias)), x1c, x2c, y, y1, y2,
         rows, x1.shape[0], d, float(eps),
         HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
