@@ -4,7 +4,9 @@ Ops (``--ops``): ``attention`` (2-jet; reference: nested jvp on the math path), 
 weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: dense seeds + einsum),
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
 regenerated from the seed; reference: torch regeneration + update), ``crossentropy`` (2-jet of
-the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp).
+the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), ``layernorm`` and
+``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
+on the decomposition).
 
 For attention, per sequence length T and backend: median seconds over repeats, tangents/s, GB/s (the
 inputs read and outputs written once, the least traffic possible), TFLOP/s (the
@@ -159,7 +161,40 @@ def crossentropy_cases(a, t: int, h: int, n: int, dtype):
     return cases, None, nbytes, n
 
 
-CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_cases, "crossentropy": crossentropy_cases}
+def layernorm_cases(a, t: int, h: int, n: int, dtype):
+    """Layer-norm 2-jet (with weight and bias) over B·T rows of width H·D, N input tangent pairs."""
+    from fasthess.kernels import layer_norm
+
+    return _pointwise_cases(a, t, h, n, dtype, layer_norm.family, layer_norm.layer_norm_jet2_reference,
+                            layer_norm.layer_norm_jet2, affine=True)
+
+
+def gelu_cases(a, t: int, h: int, n: int, dtype):
+    """GELU (erf form) 2-jet over B·T rows of width H·D, N tangent pairs."""
+    from fasthess.kernels import gelu
+
+    return _pointwise_cases(a, t, h, n, dtype, gelu.family, gelu.gelu_jet2_reference, gelu.gelu_jet2, affine=False)
+
+
+def _pointwise_cases(a, t, h, n, dtype, family_, reference_fn, fn, affine: bool):
+    g = torch.Generator().manual_seed(0)
+    width = h * a.D
+    x = torch.randn(a.B, t, width, generator=g).to(device=a.device, dtype=dtype)
+    x1, x2 = (torch.randn(n, a.B, t, width, generator=g).to(device=a.device, dtype=dtype) for _ in range(2))
+    args = [x, x1, x2]
+    if affine:
+        w, b = (torch.randn(width, generator=g).to(device=a.device, dtype=dtype) for _ in range(2))
+        args = [x, w, b, x1, x2]
+    nbytes = 2 * (1 + 2 * n) * x.numel() * x.element_size()  # x, x1, x2 read; y, y1, y2 written
+    cases = {"reference": lambda: reference_fn(*args)}
+    for backend in family_.backends:
+        if backend in family_.available() and a.device in family_.devices.get(backend, (a.device,)):
+            cases[backend] = lambda backend=backend: fn(*args, backend=backend)
+    return cases, None, nbytes, n
+
+
+CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_cases, "crossentropy": crossentropy_cases,
+         "layernorm": layernorm_cases, "gelu": gelu_cases}
 
 
 def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int, rows: list, extra: dict) -> None:
@@ -214,7 +249,7 @@ def main() -> None:
     p.add_argument("--N", type=int, default=None, help="tangent pairs per call (default: cuda 8, cpu 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--ops", default="attention,onehot,seeded,crossentropy")
+    p.add_argument("--ops", default="attention,onehot,seeded,crossentropy,layernorm,gelu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reference-max-T", type=int, default=4096, help="skip the (slow) reference above this T")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

@@ -1,4 +1,4 @@
-"""Attention 2-jet GPU backends (CUDA kernel, Triton kernel) against the float64 reference (run by benchmarks/gpu_check.sh)."""
+"""Attention, layer-norm and GELU 2-jet GPU backends (CUDA kernel, Triton kernels) against the float64 reference (run by benchmarks/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,33 @@ def test_auto_picks_a_compiled_gpu_backend() -> None:
 def test_cuda_backend_is_built() -> None:
     """gpu_check.sh builds the extension against the CUDA torch: the CUDA kernel must be there."""
     assert "cuda" in family.available(), f"the CUDA attention kernel did not build (available: {family.available()})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lead,d,n,affine", [((1,), 1, 1, True), ((8, 33), 97, 3, True), ((300,), 1025, 2, False),
+                                             ((2, 64), 4096, 2, True)], ids=str)
+def test_triton_layer_norm_matches_reference(dtype, lead, d: int, n: int, affine: bool) -> None:
+    from test_kernels_layer_norm import EPS, _close, inputs
+
+    from fasthess.kernels import layer_norm
+
+    assert layer_norm.family.select("auto", "cuda")[0] == "triton"
+    want = layer_norm.layer_norm_jet2_reference(*inputs(lead, d, n, torch.float64, affine), EPS)
+    got = layer_norm.layer_norm_jet2(*[t if t is None else t.cuda() for t in inputs(lead, d, n, dtype, affine)], EPS)
+    torch.cuda.synchronize()
+    _close([t.cpu() for t in got], want, dtype, f"triton layer norm {lead} D={d}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape,n", [((1,), 1), ((3, 1025), 2), ((64, 4099), 4)], ids=str)
+def test_triton_gelu_matches_reference(dtype, approximate: str, shape, n: int) -> None:
+    from test_kernels_gelu import _close, inputs
+
+    from fasthess.kernels import gelu
+
+    assert gelu.family.select("auto", "cuda")[0] == "triton"
+    want = gelu.gelu_jet2_reference(*inputs(shape, n, torch.float64), approximate)
+    got = gelu.gelu_jet2(*[t.cuda() for t in inputs(shape, n, dtype)], approximate)
+    torch.cuda.synchronize()
+    _close([t.cpu() for t in got], want, dtype, f"triton gelu {shape} {approximate}")

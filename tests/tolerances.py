@@ -91,3 +91,15 @@ ADAPTIVE_TRUE_ERROR_FACTOR = 1.5
 # diagonal (mean over 20 seeds): predicted / measured. Re-noising an already noisy
 # estimate under-predicts (measured on the zoo MLP: 0.41-0.45), hence a wide band.
 NOISE_BIAS_PREDICTION_BAND = (0.2, 2.0)
+
+# Layer-norm and GELU 2-jet kernels (y, y1, y2) against their nested-jvp references: dtype -> (rtol, atol).
+# float32/bfloat16 inputs are the float64 inputs rounded; the reference runs on the float64 ones.
+POINTWISE_JET2_VS_REFERENCE = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+# The float64 references against dense jacrev∘jacrev of F.layer_norm / autograd of F.gelu (round-off only),
+# and against a central second difference (step 1e-3: error ~1e-6).
+POINTWISE_JET2_VS_DENSE = (1e-9, 1e-11)
+POINTWISE_FINITE_DIFFERENCE = (1e-4, 1e-5)

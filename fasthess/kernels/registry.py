@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,18 @@ def preferred_backend(family: str, known: Iterator[str] | list[str]) -> str:
     """The backend set by :func:`use_backend` if the family ``known`` it, else ``"auto"``."""
     backend = _preferred.get()
     return backend if backend in list(known) else "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available(module: str) -> bool:
+    """A CUDA device exists and the Triton kernels in ``module`` import (the interpreter is for tests, not ``auto``)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a broken triton install means no triton backend
+        return False
+    return True
 
 
 def op_available(name: str) -> bool:
