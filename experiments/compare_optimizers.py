@@ -31,7 +31,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -48,7 +47,7 @@ sys.path.insert(0, str(HERE))
 from optimizers import make_optimizer  # noqa: E402
 from parallel import run_jobs  # noqa: E402
 from plots import plot_losses, plot_rmed, plot_rmed_over_time  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_csv  # noqa: E402
 from tasks import Seq2Seq, get_task, seq2seq_loss  # noqa: E402,F401  (Seq2Seq, seq2seq_loss: for importers)
 
 
@@ -187,10 +186,7 @@ def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]] | None:
 
 def write_table(rows: list[dict], cfg: dict, title: str, out: Path) -> str:
     """``table.csv`` and ``table.md`` in the paper's layout; returns the Markdown."""
-    with open(out / "table.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "table.csv", rows)
     lines = [f"# {title}: R_med per layer, mean (std) over {cfg['repeats']} repeats"]
     groups = dict.fromkeys((r["variant"], r["other"]) for r in rows)
     for variant, other in groups:

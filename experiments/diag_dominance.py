@@ -21,7 +21,6 @@ Run:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -29,6 +28,7 @@ import statistics
 import torch
 
 import fasthess
+from provenance import write_csv
 from train_checkpoints import hessian_loss, load, parse, prepare, pyplot, write_json
 
 NAME = "diag_dominance"
@@ -135,10 +135,7 @@ def main() -> None:
     data, paths = prepare(cfg, out)
     rows = summarise(measure(cfg, out, data, paths))
     write_json(out / NAME / "results.json", {"meta": meta, "summary": rows})
-    with open(out / NAME / "summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / NAME / "summary.csv", rows)
     plot(rows, out / NAME / "diag_dominance.png")
     print("| optimizer | step | layer | r_diag median (mean) | √n | median ρ | rows with dominant diagonal |")
     print("|---|---|---|---|---|---|---|")

@@ -22,7 +22,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, str(HERE))
 from compare_optimizers import hessian_layers, make_data, run_all, set_learning_rate  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_csv  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 
@@ -177,10 +176,7 @@ def main() -> None:
                                                      "restarts": restarts, "runs": records}, indent=1))
     lines = [f"# {args.experiment} ({args.preset}): R_med at equal loss, {other} at step t vs {reference} at t′"]
     if rows:
-        with open(out / "table.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(out / "table.csv", rows)
         lines += ["", f"| t | t′ | layer | R_med {reference}(t′) | R_med {other}(t) | ratio |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['other_step']} | {','.join(map(str, r['reference_steps']))} | {r['layer']} | "
                   f"{r['reference_mean']:.2f} ({r['reference_std']:.2f}) | {r['other_mean']:.2f} ({r['other_std']:.2f}) | "

@@ -27,7 +27,6 @@ Writes estimator_study.{json,csv,md,png} to runs/estimator_study[-quick]/ (defau
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fasthess  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_csv  # noqa: E402
 
 ESTIMATORS = ["hutchinson", "diagpp", "xdiag", "ggn_cv", "ggn", "ggn_mc"]
 
@@ -143,10 +142,7 @@ def train(model: nn.Module, ids, y, cfg: dict) -> list[float]:
 def write_outputs(rows: list[dict], record: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "estimator_study.json").write_text(json.dumps({**record, "rows": rows}, indent=1))
-    with open(out / "estimator_study.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "estimator_study.csv", rows)
     lines = ["| state | layer | estimator | budget | cost | rel. error | gain vs Hutchinson | R_med rel. error |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -21,7 +21,6 @@ Run:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -29,6 +28,7 @@ import statistics
 import torch
 
 import fasthess
+from provenance import write_csv
 from train_checkpoints import hessian_loss, load, parse, prepare, pyplot, write_json
 
 NAME = "gradient_alignment"
@@ -168,10 +168,7 @@ def main() -> None:
     records = measure(cfg, out, data, paths)
     rows = summarise(records)
     write_json(out / NAME / "results.json", {"meta": meta, "summary": rows, "records": records})
-    with open(out / NAME / "summary.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / NAME / "summary.csv", rows)
     layer = cfg["alignment"].get("plot_layer") or rows[0]["layer"]
     plot(records, rows, layer, out / NAME / "scatter.png", out / NAME / "correlations.png")
     print("| optimizer | step | median over layers: corr(log|H_ii|, log|g|) | corr(log|H_ii|, log|u|) | "

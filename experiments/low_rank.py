@@ -23,12 +23,12 @@ Run:
 
 from __future__ import annotations
 
-import csv
 import math
 
 import torch
 
 import fasthess
+from provenance import write_csv
 from train_checkpoints import load, parse, prepare, pyplot, write_json
 
 NAME = "low_rank"
@@ -140,11 +140,7 @@ def main() -> None:
     summary = [compare(rows, s, spec["low_rank_energy"], kind) for s in cfg["checkpoint_steps"] if s > 0
                for kind in ("W", "dW")]
     write_json(out / NAME / "results.json", {"meta": meta, "summary": summary, "matrices": rows})
-    with open(out / NAME / "matrices.csv", "w", newline="") as fh:
-        keys = [k for k in rows[0] if k != "singular_values"]
-        w = csv.DictWriter(fh, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / NAME / "matrices.csv", rows, [k for k in rows[0] if k != "singular_values"])
     layers = spec.get("plot_layers") or list(dict.fromkeys(r["layer"] for r in rows))[:4]
     plot(rows, layers, out / NAME / "low_rank.png")
     print(f"| step | matrix | layers | approx. low rank (energy_1 ≥ {spec['low_rank_energy']}) | Adam R_u < SGD+M R_u "

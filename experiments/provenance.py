@@ -1,7 +1,8 @@
-"""What every experiment run records about where it came from: git commit and versions."""
+"""What every experiment run records: where it came from (git commit, versions) and its rows as CSV."""
 
 from __future__ import annotations
 
+import csv
 import platform
 import subprocess
 from pathlib import Path
@@ -20,3 +21,11 @@ def provenance() -> dict[str, str]:
         commit = "unknown"
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
             "fasthess": fasthess.__version__}
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """``rows`` as CSV with a header: ``fields`` (default: the first row's keys; other keys are left out)."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fields or list(rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)

@@ -30,7 +30,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -45,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from compare_optimizers import Seq2Seq, make_data, seq2seq_loss  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_csv  # noqa: E402
 from train_checkpoints import pyplot, write_json  # noqa: E402
 
 
@@ -119,11 +118,7 @@ def main() -> None:
             rows.append(row)
             print(f"  gain {gain} {layer}: l {row['l']:.3g}, {row['seconds']:.0f} s", flush=True)
     write_json(out / "results.json", {"meta": meta, "results": rows})
-    keys = [k for k in rows[0] if k != "eigenvalues"]
-    with open(out / "spectrum.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "spectrum.csv", rows, [k for k in rows[0] if k != "eigenvalues"])
     plot(rows, out / "smoothness.png")
     print("| gain | layer | n | loss | l = max|λ| | λ_min, λ_max | negative | κ = max|λ|/min|λ| | unresolved (< n·ε·l) | "
           "κ over resolved | asymmetry |")

@@ -23,7 +23,6 @@ A killed run resumes: finished (d, optimizer) runs are read back from ``runs/``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -40,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_csv  # noqa: E402
 
 
 class TwoLayerLinear(nn.Module):
@@ -152,10 +151,7 @@ def summarise(runs: list[dict], cfg: dict) -> list[dict]:
 def write_outputs(out: Path, cfg: dict, preset: str, runs: list[dict], rows: list[dict], origin: dict) -> None:
     meta = {"preset": preset, "config": cfg, **origin}
     (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
-    with open(out / "rmed.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "rmed.csv", rows)
     lines = [
         f"# Theorem 1: two-layer linear network ({preset} preset)",
         "",
