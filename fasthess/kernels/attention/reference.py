@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..jet import nested_jvp_jet2
+
 
 def visible(tq: int, tk: int, causal: bool, key_padding_mask: Tensor | None, device: torch.device) -> Tensor | None:
     """Boolean ``(B or 1, 1, Tq, Tk)`` mask of the keys each query sees, or ``None`` when all are visible."""
@@ -113,15 +115,4 @@ def attention_jet2(
     def f(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         return attention(a, b, c, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
-    def one(a1: Tensor, b1: Tensor, c1: Tensor, a2: Tensor, b2: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # second derivative of t -> f(x + t x1 + t²/2 x2): jvp of (x -> jvp(f, x, x1)) along x1, plus jvp along x2
-        def first(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-            return torch.func.jvp(f, (a, b, c), (a1, b1, c1))[1]
-
-        out1, out11 = torch.func.jvp(first, (q, k, v), (a1, b1, c1))
-        out, out2 = torch.func.jvp(f, (q, k, v), (a2, b2, c2))
-        return out, out1, out11 + out2
-
-    # all N tangent pairs in one batched pass, as the engines' fwd_fwd path does
-    o, o1, o2 = torch.func.vmap(one, out_dims=(None, 0, 0))(q1, k1, v1, q2, k2, v2)
-    return o, o1, o2
+    return nested_jvp_jet2(f, (q, k, v), (q1, k1, v1), (q2, k2, v2))

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..jet import nested_jvp_jet2
+
 APPROXIMATIONS = ("none", "tanh")
 
 
@@ -49,12 +51,4 @@ def gelu_jet2(x: Tensor, x1: Tensor, x2: Tensor, approximate: str = "none") -> t
     def f(a: Tensor) -> Tensor:
         return gelu(a, approximate)
 
-    def one(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        def first(a: Tensor) -> Tensor:
-            return torch.func.jvp(f, (a,), (a1,))[1]
-
-        out1, out11 = torch.func.jvp(first, (x,), (a1,))
-        out, out2 = torch.func.jvp(f, (x,), (a2,))
-        return out, out1, out11 + out2
-
-    return torch.func.vmap(one, out_dims=(None, 0, 0))(x1, x2)
+    return nested_jvp_jet2(f, (x,), (x1,), (x2,))

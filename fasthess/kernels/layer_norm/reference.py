@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..jet import nested_jvp_jet2
+
 from ...decompositions import layer_norm
 
 
@@ -35,12 +37,4 @@ def layer_norm_jet2(
     def f(a: Tensor) -> Tensor:
         return layer_norm(a, (a.shape[-1],), weight, bias, eps)
 
-    def one(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        def first(a: Tensor) -> Tensor:
-            return torch.func.jvp(f, (a,), (a1,))[1]
-
-        out1, out11 = torch.func.jvp(first, (x,), (a1,))
-        out, out2 = torch.func.jvp(f, (x,), (a2,))
-        return out, out1, out11 + out2
-
-    return torch.func.vmap(one, out_dims=(None, 0, 0))(x1, x2)
+    return nested_jvp_jet2(f, (x,), (x1,), (x2,))

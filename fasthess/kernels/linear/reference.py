@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..hutchinson.reference import hutchinson_update_
+from ..jet import nested_jvp_jet2
 
 _M32 = 0xFFFFFFFF
 
@@ -40,15 +41,7 @@ def linear_jet2(
     def f(a: Tensor, c: Tensor) -> Tensor:
         return torch.nn.functional.linear(a, c, b)
 
-    def one(a1: Tensor, c1: Tensor, a2: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        def first(a: Tensor, c: Tensor) -> Tensor:
-            return torch.func.jvp(f, (a, c), (a1, c1))[1]
-
-        out1, out11 = torch.func.jvp(first, (x, w), (a1, c1))
-        out, out2 = torch.func.jvp(f, (x, w), (a2, c2))
-        return out, out1, out11 + out2
-
-    return torch.func.vmap(one, out_dims=(None, 0, 0))(x1, w1, x2, w2)
+    return nested_jvp_jet2(f, (x, w), (x1, w1), (x2, w2))
 
 
 def onehot_weight_tangent(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..jet import nested_jvp_jet2
+
 
 def cross_entropy_jet2(
     z: Tensor, y: Tensor, z1: Tensor, z2: Tensor, ignore_index: int = -100
@@ -29,12 +31,4 @@ def cross_entropy_jet2(
     def f(a: Tensor) -> Tensor:
         return F.cross_entropy(a, y, ignore_index=ignore_index)
 
-    def one(a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        def first(a: Tensor) -> Tensor:
-            return torch.func.jvp(f, (a,), (a1,))[1]
-
-        out1, out11 = torch.func.jvp(first, (z,), (a1,))
-        out, out2 = torch.func.jvp(f, (z,), (a2,))
-        return out, out1, out11 + out2
-
-    return torch.func.vmap(one, out_dims=(None, 0, 0))(z1, z2)
+    return nested_jvp_jet2(f, (z,), (z1,), (z2,))
