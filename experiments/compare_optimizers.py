@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -160,6 +161,25 @@ def table(records: list[dict], cfg: dict, step: int) -> list[dict]:
     return rows
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (variant, other optimizer, step): how many layers have a ratio above 1, and the median ratio.
+
+    ``clear`` counts layers whose mean ratio is more than one std (over repeats) above 1,
+    so a single repeat (std 0) counts every layer above 1 as clear.
+    """
+    groups = dict.fromkeys((r["variant"], r["other"], r["step"]) for r in rows)
+    out = []
+    for variant, other, step in groups:
+        ratios = [r for r in rows if (r["variant"], r["other"], r["step"]) == (variant, other, step)]
+        means = torch.tensor([r["ratio_mean"] for r in ratios], dtype=torch.float64)
+        out.append({"variant": variant, "reference": ratios[0]["reference"], "other": other, "step": step,
+                    "layers": len(ratios), "above_1": int((means > 1).sum()),
+                    "clearly_above_1": sum(r["ratio_mean"] - r["ratio_std"] > 1 for r in ratios),
+                    "median_ratio": statistics.median(means.tolist()), "min_ratio": float(means.min()),
+                    "max_ratio": float(means.max())})
+    return out
+
+
 def run_all(cfg: dict, out: Path) -> tuple[list[dict], list[dict]] | None:
     """Every repeat of every optimizer of every variant; returns the run records and the table rows.
 
@@ -196,6 +216,11 @@ def write_table(rows: list[dict], cfg: dict, title: str, out: Path) -> str:
         for r in (r for r in rows if r["other"] == other and r["variant"] == variant):
             lines.append(f"| {r['step']} | {r['layer']} | {r['reference_mean']:.2f} ({r['reference_std']:.2f}) | "
                          f"{r['other_mean']:.2f} ({r['other_std']:.2f}) | {r['ratio_mean']:.2f} ({r['ratio_std']:.2f}) |")
+    lines += ["", "## Summary: layers with ratio > 1 (> 1 by more than one std), median ratio [range]", ""]
+    for g in summary(rows):
+        lines.append(f"- {g['variant'] + ', ' if g['variant'] else ''}step {g['step']}, {g['reference']}/{g['other']}: "
+                     f"{g['above_1']}/{g['layers']} ({g['clearly_above_1']}), median {g['median_ratio']:.2f} "
+                     f"[{g['min_ratio']:.2f}, {g['max_ratio']:.2f}]")
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -213,12 +238,15 @@ def main() -> None:
     out = args.out or Path("runs") / args.experiment
     out.mkdir(parents=True, exist_ok=True)
     origin = provenance()  # taken at the start: the code that ran
+    started = time.perf_counter()
     finished = run_all(cfg, out)
     if finished is None:  # torchrun: rank 0 writes the tables
         return
     records, rows = finished
-    meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "table": rows, "runs": records}, indent=1))
+    meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin,
+            "seconds": time.perf_counter() - started}  # this invocation (finished jobs of a resumed run are not redone)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "summary": summary(rows), "table": rows, "runs": records}, indent=1))
     plot_losses(records, out / "losses.png", f"{args.experiment} ({args.preset}): training loss")
     plot_rmed(rows, out / "rmed.png", f"{args.experiment} ({args.preset}): R_med per layer")
     plot_rmed_over_time(rows, out / "rmed_over_time.png", f"{args.experiment} ({args.preset})")

@@ -77,6 +77,13 @@ def test_compare_optimizers_table_and_resume(tmp_path: Path) -> None:
         ratios = [runs[("sgdm", i)]["hessians"][step]["r_med"][layer] / runs[("adam", i)]["hessians"][step]["r_med"][layer]
                   for i in (0, 1)]
         assert abs(row["ratio_mean"] - sum(ratios) / 2) < 1e-12
+    for group in results["summary"]:  # the summary counts the table's rows
+        rows = [r for r in results["table"] if r["step"] == group["step"] and r["other"] == group["other"]]
+        assert group["layers"] == len(rows) == len(layers)
+        assert group["above_1"] == sum(r["ratio_mean"] > 1 for r in rows)
+        assert group["clearly_above_1"] == sum(r["ratio_mean"] - r["ratio_std"] > 1 for r in rows)
+        assert group["min_ratio"] <= group["median_ratio"] <= group["max_ratio"]
+    assert results["meta"]["seconds"] > 0
     if importlib.util.find_spec("matplotlib"):  # two evaluated steps: R_med over time too
         assert all((out / f).stat().st_size > 0 for f in ("losses.png", "rmed.png", "rmed_over_time.png"))
     # a run killed after its step-4 checkpoint resumes there and ends exactly where the uninterrupted one did
