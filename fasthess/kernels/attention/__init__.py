@@ -60,7 +60,7 @@ def _keep(key_padding_mask: Tensor | None) -> Tensor | None:
 
 
 FLOAT32_64 = (torch.float32, torch.float64)
-PRECISIONS = ("ieee", "tf32x3", "tf32")  # as in .triton_kernels (which needs triton to import)
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # the settings of `precision` (module docstring); .triton_kernels takes them too
 
 
 @family.register("triton", available=triton_available, devices=("cuda",),
