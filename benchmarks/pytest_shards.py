@@ -3,15 +3,18 @@
 Most of the cold time of ``tests/test_gpu_kernels.py`` is Triton compiling kernel variants, one at a
 time on one core; K processes compile K at a time (Triton's on-disk cache is shared and written
 atomically). The collected test ids are dealt round-robin to the K processes; each one's output is
-printed after all finish, and the exit status is the worst of theirs.
+printed after all finish (or, stopped by SIGTERM as ``timeout`` does, what they wrote so far), and
+the exit status is the worst of theirs.
 
     python benchmarks/pytest_shards.py 4 -q -m gpu tests/test_gpu_kernels.py
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import tempfile
 
 
 def main() -> int:
@@ -23,12 +26,25 @@ def main() -> int:
     if collect.returncode != 0 or not ids:
         print(collect.stdout + collect.stderr)
         return collect.returncode or 5
+    shards = [ids[i::k] for i in range(min(k, len(ids)))]
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in shards]
     # the ids are the selection: each shard runs its ids quietly, without the shared .pytest_cache
-    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids[i::k]],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(min(k, len(ids)))]
-    outs = [p.communicate()[0] for p in procs]
-    for i, out in enumerate(outs):
-        print(f"===== shard {i + 1}/{len(procs)}: {len(ids[i::k])} tests, exit {procs[i].returncode}\n{out}", flush=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *shard],
+                              stdout=log, stderr=subprocess.STDOUT, text=True) for shard, log in zip(shards, logs)]
+
+    def report(*_) -> None:
+        for i, (p, log) in enumerate(zip(procs, logs)):
+            log.seek(0)
+            print(f"===== shard {i + 1}/{len(procs)}: {len(shards[i])} tests, exit {p.poll()}\n{log.read()}", flush=True)
+
+    def stopped(signum, _frame) -> None:  # timeout(1) signals the whole process group: the shards stop too
+        report()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    for p in procs:
+        p.wait()
+    report()
     return max(p.returncode for p in procs)
 
 
