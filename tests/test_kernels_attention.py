@@ -1,6 +1,8 @@
 """Attention 2-jet kernels: the reference against independent float64 checks, every CPU backend
-against the reference, the Triton kernel under TRITON_INTERPRET=1 and compiled to PTX for sm_90,
-the CUDA sources compiled with nvcc for sm_80/sm_90, opcheck of the C++ op."""
+against the reference, the Triton kernel under TRITON_INTERPRET=1 (also with the tensor cores' TF32
+rounding emulated, for its float32 precisions) and compiled to PTX for sm_90, every CUDA source
+(csrc/cuda/*.cu) compiled with nvcc for sm_80/sm_90 and their torch glue against the torch headers,
+opcheck of the C++ op."""
 
 from __future__ import annotations
 
