@@ -8,6 +8,8 @@ the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), 
 ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
+The Triton attention kernel has one row per precision of its float32 tile products
+(``triton-ieee``, ``triton-tf32x3``, ``triton-tf32``; see :mod:`fasthess.kernels.attention`).
 For attention, per sequence length T and backend: median seconds over repeats, tangents/s, GB/s (the
 inputs read and outputs written once, the least traffic possible), TFLOP/s (the
 algorithm's matrix products: 2 for the primal + 10 per tangent, each 2·B·H·Tq·Tk·D,
@@ -35,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fasthess.kernels import linear  # noqa: E402
-from fasthess.kernels.attention import attention_jet2, family  # noqa: E402
+from fasthess.kernels.attention import PRECISIONS, attention_jet2, family  # noqa: E402
 from fasthess.kernels.attention.reference import attention_jet2 as reference  # noqa: E402
 from fasthess.kernels.hutchinson import hutchinson_update_  # noqa: E402
 
@@ -103,11 +105,11 @@ def attention_cases(a, t: int, h: int, n: int, dtype):
         cases["reference"] = lambda: reference(*x, causal=a.causal)
     for backend in family.backends:
         if backend in family.available() and a.device in family.devices.get(backend, (a.device,)):
-            cases[backend] = lambda backend=backend: attention_jet2(*x, causal=a.causal, backend=backend)
-    if "triton" in cases:  # tensor-core products (TF32): faster, ~1e-3 relative accuracy
-        from fasthess.kernels.attention.triton_kernels import attention_jet2_triton
-
-        cases["triton-tf32"] = lambda: attention_jet2_triton(*x, causal=a.causal, precision="tf32")
+            if backend == "triton":  # one row per precision of its float32 tile products
+                for p in PRECISIONS:
+                    cases[f"triton-{p}"] = lambda p=p: attention_jet2(*x, causal=a.causal, backend="triton", precision=p)
+            else:
+                cases[backend] = lambda backend=backend: attention_jet2(*x, causal=a.causal, backend=backend)
     return cases, flops, nbytes, n
 
 
