@@ -152,7 +152,7 @@ def scaled_dot_product_attention(
     if attn_mask is None and not enable_gqa and query.dim() == 4:
         from .kernels.attention_hvp import forward_over_reverse as fwd_rev
 
-        if fwd_rev.routed() and key.shape == value.shape and key.shape[:2] == query.shape[:2] \
+        if fwd_rev.routes(query) and key.shape == value.shape and key.shape[:2] == query.shape[:2] \
                 and key.shape[-1] == query.shape[-1]:
             # inside the fwd_rev engine: the backward's tangent is the attention HVP kernel
             scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale

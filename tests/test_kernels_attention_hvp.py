@@ -250,3 +250,16 @@ def test_hutchinson_fwd_rev_through_the_kernel_equals_plain_path(monkeypatch) ->
         for name in plain.layers:
             torch.testing.assert_close(routed.layers[name].values, plain.layers[name].values,
                                        rtol=SAME_PROBES_RTOL, atol=1e-12, msg=lambda m: f"{backend} {name}: {m}")
+
+
+def test_route_applies_only_inside_fwd_rev_and_with_a_worthwhile_backend() -> None:
+    from fasthess.kernels.attention_hvp.forward_over_reverse import route, routes
+    from fasthess.kernels.registry import use_backend
+
+    q64, q16 = torch.zeros(1, 1, 2, 4, dtype=torch.float64), torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    assert not routes(q64)
+    with route():
+        assert routes(q64) == extension_loaded()  # auto: only with a compiled backend for these tensors
+        assert not routes(q16)
+        with use_backend("torch"):
+            assert routes(q16)

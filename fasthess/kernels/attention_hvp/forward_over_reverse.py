@@ -9,8 +9,8 @@ for all the tangents of a ``vmap`` (the C++ op's vmap rule folds the vmapped dim
 the ``torch`` backend is vmapped op by op).
 
 :func:`route` turns it on for :func:`fasthess.decompositions.scaled_dot_product_attention`
-(for calls it covers: 4-d inputs, no ``attn_mask``, no dropout, no GQA); the ``fwd_rev``
-engine's :meth:`hvp` enters it. Other transforms (double backward, forward-over-forward) keep the
+(for calls it covers: 4-d inputs, no ``attn_mask``, no dropout, no GQA, and see :func:`routes`);
+the ``fwd_rev`` engine's ``hvp`` enters it. Other transforms (double backward, forward-over-forward) keep the
 plain decomposition: this Function has no second-order reverse rule.
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from ..attention.reference import attention as attention_math
 from ..registry import op_available, preferred_backend
 
-__all__ = ["attention", "route", "routed"]
+__all__ = ["attention", "route", "routed", "routes"]
 
 _active: contextvars.ContextVar[bool] = contextvars.ContextVar("fasthess_attention_hvp_route", default=False)
 
@@ -52,6 +52,22 @@ def route() -> Iterator[None]:
 def routed() -> bool:
     """Whether :func:`route` is active in this context."""
     return _active.get()
+
+
+def routes(q: Tensor) -> bool:
+    """Whether attention on tensors like ``q`` goes through :func:`attention` here.
+
+    Inside :func:`route`, when a compiled backend takes these tensors or a backend was chosen
+    with :func:`~fasthess.kernels.registry.use_backend`: on the CPU the C++ op makes fwd_rev
+    Hutchinson faster, while the ``torch`` backend under ``vmap`` is no faster than the plain
+    decomposition (``benchmarks``: README), so ``"auto"`` without a compiled backend keeps the latter.
+    """
+    if not routed():
+        return False
+    from . import family, select_backend
+
+    backend = preferred_backend(family.name, family.backends)
+    return backend != "auto" or select_backend("auto", q.device.type, q.dtype)[0] != "torch"
 
 
 def _hvp(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, tangents: list[Tensor], causal: bool, scale: float):
