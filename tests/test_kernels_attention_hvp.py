@@ -1,8 +1,14 @@
 """Attention HVP kernels (tangent of the attention backward): the reference against a dense float64
 Hessian (reverse-over-reverse) and finite differences, every CPU backend against the reference,
-opcheck of the C++ op, backend selection."""
+the Triton kernels under TRITON_INTERPRET=1 and compiled to PTX for sm_90, opcheck of the C++ op,
+backend selection, and the route through the fwd_rev engine."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,6 +22,7 @@ from fasthess.kernels.attention_hvp.reference import attention_hvp as reference
 from fasthess.kernels.attention_hvp.reference import attention_vjp
 from fasthess.kernels.registry import extension_loaded
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="C++ extension not built")
 NAMES = ("dq", "dk", "dv", "dq1", "dk1", "dv1")
 
@@ -145,6 +152,8 @@ def test_wrapper_errors_and_backend_selection() -> None:
         attention_hvp(*x[:3], x[3][..., :2, :], *x[4:])
     with pytest.raises(BackendUnavailableError):
         attention_hvp(*x, backend="cuda")  # not a backend of this family
+    with pytest.raises(BackendUnavailableError):
+        attention_hvp(*x, backend="triton")  # unavailable here, or not for CPU tensors
     assert select_backend("auto", "cpu", torch.float64)[0] == ("cpp" if extension_loaded() else "torch")
     assert select_backend("auto", "cpu", torch.bfloat16)[0] == "torch"  # cpp takes float32/64 only
     if extension_loaded():
@@ -168,6 +177,76 @@ def test_torch_backend_in_bfloat16_matches_reference() -> None:
     got = attention_hvp(*x, causal=True)
     assert all(t.dtype == torch.bfloat16 for t in got)
     _close(got, want, ATTENTION_HVP_VS_REFERENCE[torch.bfloat16], "torch bf16")
+
+
+_INTERPRET_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    sys.path.insert(0, {tests!r})
+    import torch
+    from attention_cases import hvp_inputs, padding
+    from tolerances import ATTENTION_HVP_VS_REFERENCE
+    from fasthess.kernels.attention_hvp import triton_op
+    from fasthess.kernels.attention_hvp.reference import attention_hvp as reference
+    from fasthess.kernels.attention_hvp.triton_kernels import attention_hvp_triton
+    rtol, atol = ATTENTION_HVP_VS_REFERENCE[torch.float32]
+
+    def close(got, want, what):
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{{what}} output {{i}}: {{m}}")
+
+    for shape, causal, padded in {cases!r}:
+        x = hvp_inputs(*shape, torch.float32)
+        pad = padding(shape[0], shape[3]) if padded else None
+        want = reference(*hvp_inputs(*shape, torch.float64), causal=causal, key_padding_mask=pad)
+        close(attention_hvp_triton(*x, causal=causal, key_padding_mask=pad), want, shape)
+        print("ok", shape, causal, padded)
+    # the custom op: vmap over the tangents (N = 1 each) folds them into one call; opcheck
+    op = triton_op()
+    x = hvp_inputs(2, 1, 6, 7, 8, 3, torch.float32)
+    keep = ~padding(2, 7)
+    want = reference(*hvp_inputs(2, 1, 6, 7, 8, 3, torch.float64), causal=True, key_padding_mask=~keep, scale=0.5)
+    got = torch.func.vmap(lambda *t: op(*x[:4], *(s[None] for s in t), keep, True, 0.5),
+                          out_dims=(None,) * 3 + (0,) * 3)(*x[4:])
+    close(got[:3] + tuple(t[:, 0] for t in got[3:]), want, "vmap")
+    torch.library.opcheck(op, (*x, keep, True, 0.5), test_utils=("test_schema", "test_faketensor"))
+    print("ok vmap")
+    """
+)
+
+
+def test_triton_kernels_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    cases = [((1, 1, 1, 1, 4, 1), True, False), ((2, 2, 7, 7, 5, 2), True, True),
+             ((2, 1, 5, 40, 8, 1), False, False), ((2, 1, 40, 5, 8, 1), True, True), ((1, 1, 70, 70, 16, 2), True, False)]
+    script = _INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ok") == len(cases) + 1
+
+
+@pytest.mark.parametrize("kernel_name", ["_hvp_dq_kernel", "_hvp_dkv_kernel"])
+def test_triton_kernels_compile_to_ptx_for_sm90(kernel_name: str) -> None:
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fasthess.kernels.attention_hvp import triton_kernels
+
+    kernel = getattr(triton_kernels, kernel_name)
+    bm, bn, bd, warps, stages = triton_kernels.launch_config(64)
+    const = dict(CAUSAL=True, HAS_KEEP=True, ACC=tl.float32, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    names = kernel.arg_names
+    sig = {name: "*fp32" for name in names[: names.index("H")]} | {"KEEP": "*i8", "scale": "fp32"}
+    sig |= {name: "i32" for name in ("H", "BH", "TQ", "TK", "D")} | {c: "constexpr" for c in const}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()})
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = out.asm["ptx"]
+    assert ".target sm_90" in ptx and f".entry {kernel_name}" in ptx
+    assert out.metadata.shared <= 227 * 1024  # fits the H100/H200 shared memory per block
 
 
 # --- routing through the fwd_rev engine (fasthess/kernels/attention_hvp/forward_over_reverse.py) ---
@@ -263,3 +342,5 @@ def test_route_applies_only_inside_fwd_rev_and_with_a_worthwhile_backend() -> No
         assert not routes(q16)
         with use_backend("torch"):
             assert routes(q16)
+        with use_backend("cpp"):
+            assert not routes(q16)  # cpp takes float32/64 only: the plain decomposition

@@ -5,6 +5,8 @@ For forward-over-reverse Hessian-vector products (Hutchinson): through an attent
 
 Backends, in order of preference for ``backend="auto"``:
 
+* ``triton``: FlashAttention-2-style Triton kernels (:mod:`.triton_kernels`) on CUDA tensors,
+  as the custom op ``torch.ops.fasthess.attention_hvp_triton`` (for its vmap rule); float32/16/bf16.
 * ``cpp``: ``torch.ops.fasthess.attention_hvp`` on CPU tensors (``csrc/attention_hvp.cpp``); float32/float64.
 * ``torch``: the same query-block algorithm in torch ops (:mod:`.blocked`), any device.
 
@@ -15,12 +17,13 @@ The spec is :func:`.reference.attention_hvp` (``torch.func.jvp`` of ``torch.func
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available
+from ..registry import KernelFamily, op_available, triton_available
 from .blocked import attention_hvp_blocked
 from .reference import attention_hvp as attention_hvp_reference
 from .reference import attention_vjp
@@ -32,6 +35,31 @@ family = KernelFamily("attention_hvp")
 
 def _keep(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_op():  # noqa: ANN201
+    """The Triton kernels as ``torch.ops.fasthess.attention_hvp_triton`` (same schema as the C++ op), with a vmap rule."""
+    from .forward_over_reverse import register_fold_vmap
+    from .triton_kernels import attention_hvp_triton
+
+    @torch.library.custom_op("fasthess::attention_hvp_triton", mutates_args=())
+    def op(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, q1: Tensor, k1: Tensor, v1: Tensor, dout1: Tensor,
+           keep: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        pad = None if keep is None else ~keep.to(torch.bool)
+        return attention_hvp_triton(q, k, v, dout, q1, k1, v1, dout1, causal=causal, key_padding_mask=pad, scale=scale)
+
+    @op.register_fake
+    def _(q, k, v, dout, q1, k1, v1, dout1, keep, causal, scale):  # noqa: ANN001, ANN202
+        return tuple(t.new_empty(t.shape) for t in (q, k, v, q1, k1, v1))
+
+    register_fold_vmap("fasthess::attention_hvp_triton", op)
+    return op
+
+
+@family.register("triton", available=lambda: triton_available(f"{__name__}.triton_kernels"), devices=("cuda",))
+def _triton(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale):
+    return triton_op()(q, k, v, dout, q1, k1, v1, dout1, _keep(key_padding_mask), causal, scale)
 
 
 @family.register("cpp", available=lambda: op_available("attention_hvp"), devices=("cpu",))
@@ -46,7 +74,7 @@ def _torch(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale)
 
 
 # dtypes each compiled backend takes; "auto" passes over a backend for other dtypes
-_DTYPES = {"cpp": (torch.float32, torch.float64)}
+_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16), "cpp": (torch.float32, torch.float64)}
 
 
 def select_backend(backend: str, device: str, dtype: torch.dtype):  # noqa: ANN201
@@ -100,7 +128,7 @@ def attention_hvp(
         causal: key ``j`` visible to query ``i`` only when ``j <= i``.
         key_padding_mask: ``(B, Tk)`` bool, ``True`` = padding (ignored).
         scale: default ``1/sqrt(D)``.
-        backend: ``"auto"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``(dq, dk, dv, dq1, dk1, dv1)``: gradients shaped like q, k, v and their ``(N, *shape)``

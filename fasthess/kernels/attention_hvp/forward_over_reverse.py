@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ...errors import BackendUnavailableError
 from ..attention.reference import attention as attention_math
 from ..registry import op_available, preferred_backend
 
@@ -54,20 +55,28 @@ def routed() -> bool:
     return _active.get()
 
 
+# backends "auto" routes through; "triton" joins once its GPU tests (tests/test_gpu_kernels.py) have passed
+AUTO_ROUTED = ("cpp",)
+
+
 def routes(q: Tensor) -> bool:
     """Whether attention on tensors like ``q`` goes through :func:`attention` here.
 
-    Inside :func:`route`, when a compiled backend takes these tensors or a backend was chosen
-    with :func:`~fasthess.kernels.registry.use_backend`: on the CPU the C++ op makes fwd_rev
-    Hutchinson faster, while the ``torch`` backend under ``vmap`` is no faster than the plain
-    decomposition (``benchmarks``: README), so ``"auto"`` without a compiled backend keeps the latter.
+    Inside :func:`route`, when ``"auto"`` picks a backend in :data:`AUTO_ROUTED` for these tensors,
+    or a backend chosen with :func:`~fasthess.kernels.registry.use_backend` takes them. On the CPU
+    the C++ op makes fwd_rev Hutchinson faster, while the ``torch`` backend under ``vmap`` is no
+    faster than the plain decomposition (README, Kernels), so ``"auto"`` keeps the latter there.
     """
     if not routed():
         return False
     from . import family, select_backend
 
     backend = preferred_backend(family.name, family.backends)
-    return backend != "auto" or select_backend("auto", q.device.type, q.dtype)[0] != "torch"
+    try:
+        name = select_backend(backend, q.device.type, q.dtype)[0]
+    except (TypeError, BackendUnavailableError):  # the preferred backend does not take these tensors
+        return False
+    return backend != "auto" or name in AUTO_ROUTED
 
 
 def _hvp(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, tangents: list[Tensor], causal: bool, scale: float):
@@ -148,14 +157,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) ->
     return _Attention.apply(q, k, v, causal, scale)
 
 
-def _register_vmap() -> None:
-    """vmap rule of the C++ op: vmapped tangents become more tangents (one kernel call)."""
-    if not op_available("attention_hvp"):
-        return
+def register_fold_vmap(name: str, op) -> None:  # noqa: ANN001
+    """vmap rule of an attention-HVP op ``name`` (schema of ``torch.ops.fasthess.attention_hvp``): vmapped
+    tangents become more tangents, one kernel call; batched primals fall back to a loop."""
 
-    @torch.library.register_vmap("fasthess::attention_hvp")
+    @torch.library.register_vmap(name)
     def _(info, in_dims, q, k, v, dout, q1, k1, v1, dout1, keep, causal, scale):  # noqa: ANN001, ANN202
-        op = torch.ops.fasthess.attention_hvp
         size = info.batch_size
         if any(d is not None for d in in_dims[:4]) or in_dims[8] is not None:  # batched primals: a loop
             args = (q, k, v, dout, q1, k1, v1, dout1, keep)
@@ -174,4 +181,5 @@ def _register_vmap() -> None:
         return (dq, dk, dv, *unfold), (None, None, None, 0, 0, 0)
 
 
-_register_vmap()
+if op_available("attention_hvp"):
+    register_fold_vmap("fasthess::attention_hvp", torch.ops.fasthess.attention_hvp)
