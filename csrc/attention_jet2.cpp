@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_softmax.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -46,30 +48,6 @@ void softmax_jet_rows(const scalar_t* p, scalar_t* s1, scalar_t* s2, int64_t row
       b[j] = pr[j] * (b[j] - mu2 + d * d - var);
       a[j] = pr[j] * d;
     }
-  }
-}
-
-// In place: s (rows × cols, query rows start at row0) -> masked softmax P; an empty row becomes 0.
-template <typename scalar_t>
-void masked_softmax_rows(scalar_t* s, int64_t rows, int64_t cols, int64_t row0, bool causal, const bool* keep) {
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* r = s + i * cols;
-    const int64_t last = causal ? std::min<int64_t>(cols, row0 + i + 1) : cols;  // keys [0, last) may be visible
-    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t j = 0; j < last; ++j)
-      if (keep == nullptr || keep[j]) mx = std::max(mx, r[j]);
-    if (mx == -std::numeric_limits<scalar_t>::infinity()) {
-      std::fill(r, r + cols, scalar_t(0));
-      continue;
-    }
-    scalar_t sum = 0;
-    for (int64_t j = 0; j < cols; ++j) {
-      const bool vis = j < last && (keep == nullptr || keep[j]);
-      r[j] = vis ? std::exp(r[j] - mx) : scalar_t(0);
-      sum += r[j];
-    }
-    const scalar_t inv = scalar_t(1) / sum;
-    for (int64_t j = 0; j < cols; ++j) r[j] *= inv;
   }
 }
 

@@ -149,6 +149,14 @@ def scaled_dot_product_attention(
             f"scaled_dot_product_attention was called with dropout_p={dropout_p}: the loss "
             "would be random. Call model.eval() before measuring curvature."
         )
+    if attn_mask is None and not enable_gqa and query.dim() == 4:
+        from .kernels.attention_hvp import forward_over_reverse as fwd_rev
+
+        if fwd_rev.routes(query) and key.shape == value.shape and key.shape[:2] == query.shape[:2] \
+                and key.shape[-1] == query.shape[-1]:
+            # inside the fwd_rev engine: the backward's tangent is the attention HVP kernel
+            scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+            return fwd_rev.attention(query, key, value, causal=is_causal, scale=scale)
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)

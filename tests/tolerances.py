@@ -110,3 +110,15 @@ POINTWISE_JET2_VS_REFERENCE = {
 # and against a central second difference (step 1e-3: error ~1e-6).
 POINTWISE_JET2_VS_DENSE = (1e-9, 1e-11)
 POINTWISE_FINITE_DIFFERENCE = (1e-4, 1e-5)
+
+# Attention HVP kernels (dq, dk, dv and their tangents) against the jvp-of-vjp reference: dtype -> (rtol, atol).
+# float32/bfloat16 inputs are the float64 inputs rounded; the reference runs on the float64 ones.
+ATTENTION_HVP_VS_REFERENCE = {
+    torch.float64: (1e-10, 1e-11),
+    torch.float32: (2e-4, 2e-4),
+    torch.bfloat16: (5e-2, 1e-1),
+}
+# The float64 reference against the dense reverse-over-reverse Hessian (round-off only), and against a
+# central difference of the backward (step 1e-4: truncation ~1e-8).
+ATTENTION_HVP_VS_DENSE = (1e-9, 1e-11)
+ATTENTION_HVP_FINITE_DIFFERENCE = (1e-6, 1e-7)
