@@ -19,6 +19,10 @@ modules, ``F.multi_head_attention_forward`` and HF ``transformers`` look them up
 at call time. Code that bound one of these functions to a local name before the
 block starts keeps the original; the dense-Hessian tests exist to catch that.
 
+While the tangent-adjoint engine records a loss (:mod:`fasthess.fused_nodes`), layer norm
+over the last dim and the attention cases the 2-jet kernels take become single custom
+ops instead, so that engine can run the fused kernels on them.
+
 The same hook refuses functional dropout that is active (``training=True``,
 ``p > 0``), since it would make the loss a random function.
 """
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import TrainingModeError
+from .fused_nodes import try_attention, try_layer_norm
 
 __all__ = ["autodiff_safe", "layer_norm", "scaled_dot_product_attention"]
 
@@ -55,6 +60,9 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Decomposed ``F.layer_norm`` (same signature, correct derivatives of any order)."""
+    fused = try_layer_norm(input, tuple(normalized_shape), weight, bias, eps)
+    if fused is not None:
+        return fused
     n = len(normalized_shape)
     out = _normalize(input, range(input.dim() - n, input.dim()), eps)
     if weight is not None:
@@ -149,6 +157,9 @@ def scaled_dot_product_attention(
             f"scaled_dot_product_attention was called with dropout_p={dropout_p}: the loss "
             "would be random. Call model.eval() before measuring curvature."
         )
+    fused = try_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    if fused is not None:
+        return fused
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
