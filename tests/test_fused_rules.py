@@ -1,0 +1,236 @@
+"""Fused attention / layer-norm nodes in the tangent-adjoint engine (fasthess.fused_nodes).
+
+Every kernel backend available here must give the dense float64 Hessian's entries; the
+fused nodes must really be recorded (and their kernels called), only while that engine
+captures; mask forms the kernels do not take must fall back to the plain decomposition.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import ENGINE_VS_DENSE, assert_entries_close
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from zoo import ZOO, Case, dense_hessian_diagonals
+
+import fasthess
+from fasthess import fused_nodes
+from fasthess.capture import capture
+from fasthess.kernels import attention, layer_norm
+
+ATTENTION = "fasthess.attention_fused.default"
+LAYER_NORM = "fasthess.layer_norm_fused.default"
+BACKENDS = [b for b in ("torch", "cpp") if b in attention.family.available() and b in layer_norm.family.available()]
+
+_dense: dict[str, tuple[Case, dict[str, Tensor]]] = {}
+
+
+def _case(name: str) -> tuple[Case, dict[str, Tensor]]:
+    if name not in _dense:
+        case = ZOO[name]()
+        _dense[name] = (case, dense_hessian_diagonals(case, list(fasthess.resolve_parameters(case.model, case.layers))))
+    return _dense[name]
+
+
+def _recorded(case: Case, fused: bool = True) -> collections.Counter:
+    """Op name -> count in the graph the tangent-adjoint engine records for all of the case's parameters."""
+    params = dict(case.model.named_parameters())
+    names = list(params)
+
+    class Run(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = case.model
+
+        def forward(self) -> Tensor:
+            return case.loss()
+
+    with fasthess.autodiff_safe():
+        graph = capture(
+            lambda ps: functional_call(Run(), {"model." + n: p for n, p in zip(names, ps)}, ()),
+            [params[n] for n in names],
+            fused=fused,
+        )
+    return collections.Counter(str(n.func) for n in graph.nodes)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Counts calls of every attention / layer-norm kernel backend, by (family, backend); ``.dtypes``: their dtypes."""
+    calls: collections.Counter = collections.Counter()
+    calls.dtypes = set()
+    for family in (attention.family, layer_norm.family):
+        for name, (ok, fn) in list(family.backends.items()):
+
+            def counted(*args, _fn=fn, _key=(family.name, name), **kwargs):  # noqa: ANN002, ANN003, ANN202
+                calls[_key] += 1
+                calls.dtypes.add(args[0].dtype)
+                return _fn(*args, **kwargs)
+
+            monkeypatch.setitem(family.backends, name, (ok, counted))
+    return calls
+
+
+# (zoo model, attention nodes, layer-norm nodes) recorded for the whole model
+FUSED_COUNTS = [("mha", 1, 1), ("encoder", 2, 4), ("decoder", 4, 6), ("sdpa", 1, 1), ("hf_bert", 2, 5), ("hf_gpt2", 2, 5)]
+
+
+@pytest.mark.parametrize(("model", "n_attention", "n_layer_norm"), FUSED_COUNTS)
+def test_fused_nodes_are_recorded_only_when_asked(model: str, n_attention: int, n_layer_norm: int) -> None:
+    case = ZOO[model]()
+    fused = _recorded(case)
+    assert (fused[ATTENTION], fused[LAYER_NORM]) == (n_attention, n_layer_norm)
+    assert "aten._softmax.default" not in fused  # no attention left as plain ops
+    plain = _recorded(case, fused=False)
+    assert plain[ATTENTION] == plain[LAYER_NORM] == 0 and plain["aten._softmax.default"] == n_attention
+    with fused_nodes.disabled():
+        assert _recorded(case)[ATTENTION] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["mha", "encoder", "decoder", "sdpa", "hf_bert", "hf_gpt2"])
+def test_sampled_entries_match_dense_for_every_backend(model: str, backend: str, kernel_calls) -> None:  # noqa: ANN001
+    case, dense = _case(model)
+    res = fasthess.diag(case.model, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", seed=3, backend=backend)
+    assert res.meta["engine_fallback"] is None
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"{model}/{backend}/{name}")
+    # the fused rules ran, on the backend asked for
+    assert kernel_calls[("attention_jet2", backend)] > 0 and kernel_calls[("layer_norm_jet2", backend)] > 0
+    assert sum(kernel_calls.values()) == kernel_calls[("attention_jet2", backend)] + kernel_calls[("layer_norm_jet2", backend)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["mha", "sdpa"])
+def test_exact_diagonal_matches_dense_for_every_backend(model: str, backend: str) -> None:
+    case, dense = _case(model)
+    res = fasthess.diag(case.model, case.loss, case.layers, method="exact", engine="tangent_adjoint", backend=backend)
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name], rtol, atol, f"{model}/{backend}/{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_model_with_fused_nodes(backend: str, kernel_calls) -> None:  # noqa: ANN001
+    case, dense = _case("encoder")
+    model32 = case.model.float()
+    try:
+        res = fasthess.diag(
+            model32, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", dtype=torch.float32, backend=backend
+        )
+    finally:
+        case.model.double()
+    rtol, atol = ENGINE_VS_DENSE[(torch.float32, "tangent_adjoint")]
+    assert kernel_calls.dtypes == {torch.float32} and kernel_calls[("attention_jet2", backend)] > 0
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"f32/{backend}/{name}")
+
+
+class MaskedAttention(nn.Module):
+    """q, k, v from one projection into F.scaled_dot_product_attention with a given mask form."""
+
+    def __init__(self, mask_kind: str, d: int = 6, heads: int = 2, t: int = 5) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.heads, self.mask_kind = heads, mask_kind
+        self.qkv = nn.Linear(d, 3 * d)
+        self.norm = nn.LayerNorm(d)
+        self.bias = nn.Parameter(0.3 * torch.randn(heads, t, t, generator=g))  # used by "learned_bias"
+        self.fixed_bias = 0.5 * torch.randn(1, heads, t, t, generator=g)
+        self.pattern = torch.rand(2, 1, t, t, generator=g) > 0.4  # neither causal nor key padding
+        self.pattern[..., 0] = True  # every query sees a key
+        pad = torch.zeros(2, t, dtype=torch.bool)
+        pad[1, 3:] = True
+        self.pad = pad
+
+    def mask(self) -> tuple[Tensor | None, bool]:
+        t = self.pad.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        padding = torch.zeros(2, 1, 1, t, dtype=torch.float64).masked_fill(self.pad[:, None, None, :], float("-inf"))
+        return {
+            "none": (None, False),
+            "is_causal": (None, True),
+            "bool_padding": (~self.pad[:, None, None, :], False),
+            "float_padding_min": (padding.clamp_min(torch.finfo(torch.float64).min), False),
+            "causal_and_padding": (padding + torch.zeros(t, t, dtype=torch.float64).masked_fill(~causal, float("-inf")), False),
+            "bool_pattern": (self.pattern, False),
+            "additive_bias": (self.fixed_bias.double(), False),
+            "learned_bias": (self.bias, False),
+        }[self.mask_kind]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask, causal = self.mask()
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.norm(a.transpose(1, 2).reshape(b, t, d)).tanh().pow(2).sum()
+
+
+MASK_FORMS = {  # mask form -> whether the attention kernels take it (a fused node is recorded)
+    "none": True,
+    "is_causal": True,
+    "bool_padding": True,
+    "float_padding_min": True,
+    "causal_and_padding": True,
+    "bool_pattern": False,
+    "additive_bias": False,
+    "learned_bias": False,
+}
+
+
+@pytest.mark.parametrize("kind", list(MASK_FORMS))
+def test_mask_forms_fuse_or_fall_back_and_match_dense(kind: str) -> None:
+    torch.manual_seed(0)
+    model = MaskedAttention(kind).double().eval()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layers = ["qkv.weight", "norm.weight", "norm.bias"] + (["bias"] if kind == "learned_bias" else [])
+    case = Case(kind, model, lambda: model(x), layers)
+    recorded = _recorded(case)
+    assert recorded[ATTENTION] == int(MASK_FORMS[kind]), recorded
+    assert recorded["aten._softmax.default"] == int(not MASK_FORMS[kind])
+    assert recorded[LAYER_NORM] == 1
+    dense = dense_hessian_diagonals(case, layers)
+    res = fasthess.diag(model, case.loss, layers, method="exact", engine="tangent_adjoint")
+    assert res.meta["engine_fallback"] is None
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
+    for name in layers:
+        assert_entries_close(res[name].values, dense[name], rtol, atol, f"{kind}/{name}")
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("engine", ["double_backward", "fwd_rev", "fwd_fwd"])
+def test_other_engines_never_see_fused_nodes(engine: str) -> None:
+    case, dense = _case("sdpa")
+    with _Ops() as ops:
+        res = fasthess.diag(case.model, case.loss, case.layers, num_samples=4, engine=engine, seed=1)
+    assert not any("fused" in op for op in ops.seen)
+    assert "aten._softmax.default" in ops.seen
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, engine)]
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"{engine}/{name}")
+
+
+def test_environment_switch_turns_fused_nodes_off(monkeypatch: pytest.MonkeyPatch, kernel_calls) -> None:  # noqa: ANN001
+    monkeypatch.setenv("FASTHESS_FUSED_NODES", "0")
+    case, dense = _case("sdpa")
+    assert _recorded(case)[ATTENTION] == 0
+    res = fasthess.diag(case.model, case.loss, case.layers, num_samples=6, engine="tangent_adjoint")
+    assert not kernel_calls
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"off/{name}")
