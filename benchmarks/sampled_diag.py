@@ -8,7 +8,10 @@ same layers, in the same run, each in its own process so peak memory is its own:
 * ``torch_func``: ``vmap(jvp(grad))`` over one-hot tangents, chunked;
 * ``curvlinops``: ``HessianLinearOperator`` (curvlinops-for-pytorch) applied to
   one-hot matrices, one column block per layer;
-* ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``.
+* ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``;
+  ``fasthess-unfused``: the tangent-adjoint engine with attention and layer norm recorded
+  as plain ops instead of fused nodes (``fasthess.fused_nodes.disabled()``, the same as
+  ``FASTHESS_FUSED_NODES=0``); ``fasthess`` / ``fasthess-unfused`` is the fused nodes' gain.
 
 Reported per method: seconds (median over repeats), entries/s, entries per
 gradient-time (the time of one forward+backward measured in the same process),
@@ -215,17 +218,22 @@ def run_curvlinops(model, loss, params, indices, chunk, logits=None, X=None, y=N
     return out
 
 
-def run_fasthess(engine: str, wide: bool = False):
-    """``fasthess.diag``; ``wide``: let the batched directions use half of free memory, not ~1 gradient's."""
+def run_fasthess(engine: str, wide: bool = False, fused: bool = True):
+    """``fasthess.diag``; ``wide``: let the batched directions use half of free memory, not ~1 gradient's;
+    ``fused=False``: attention and layer norm as plain ops in the tangent-adjoint engine."""
 
     def run(model, loss, params, indices, chunk, **_) -> dict[str, torch.Tensor]:
+        import contextlib
+
         import fasthess
+        from fasthess.fused_nodes import disabled
         from fasthess.objective import available_memory_bytes
 
         full = max(idx.numel() for idx in indices.values())
         device = next(iter(params.values())).device
         budget = available_memory_bytes(device) // 2 if wide else None
-        res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine, memory_budget=budget)
+        with contextlib.nullcontext() if fused else disabled():
+            res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine, memory_budget=budget)
         out = {}
         for name, idx in indices.items():  # a prefix of fasthess's own sample when --slow-samples applies
             assert torch.equal(res[name].indices[: idx.numel()].to(idx.device), idx)
@@ -258,6 +266,7 @@ METHODS = {
     "curvlinops": run_curvlinops,
     "fasthess": run_fasthess("auto"),
     "fasthess-wide": run_fasthess("auto", wide=True),
+    "fasthess-unfused": run_fasthess("auto", fused=False),
     "fasthess-fwd_fwd": run_fasthess("fwd_fwd"),
     "fasthess-fwd_rev": run_fasthess("fwd_rev"),
     "fasthess-double_backward": run_fasthess("double_backward"),
@@ -385,6 +394,11 @@ def main() -> None:
         print(f"{row['method']:>24} {row['seconds']:8.2f} {row['entries']:7d} {row['entries_per_s']:10.2f} "
               f"{row['entries_per_gradient_time']:13.2f} {fmt(row['speedup_vs_naive'], '.2f'):>9} {row['peak_mib']:9.0f} "
               f"{fmt(row['peak_vs_gradient'], '.2f'):>7} {fmt(row['max_rel_dev_from_naive'], '.1e'):>9}")
+    by = {r["method"]: r for r in rows if "error" not in r}
+    if "fasthess" in by and "fasthess-unfused" in by:
+        f, u = by["fasthess"], by["fasthess-unfused"]
+        print(f"\nfused nodes on / off: {f['entries_per_s'] / u['entries_per_s']:.2f}x entries/s, "
+              f"peak memory {f['peak_mib']:.0f} / {u['peak_mib']:.0f} MiB")
     _plot(rows, stem.with_suffix(".png"), meta)
     print(f"\nwrote {stem}.json/.csv/.png")
 

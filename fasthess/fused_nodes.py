@@ -30,8 +30,8 @@ Example:
     >>> f = lambda ps: torch.nn.functional.layer_norm(x @ ps[0], (4,)).pow(2).sum()
     >>> with autodiff_safe():
     ...     g = capture(f, [torch.randn(4, 4)], fused=True)
-    >>> [str(n.func) for n in g.nodes]
-    ['aten.expand.default', 'aten.view.default', 'aten.bmm.default', 'aten._unsafe_view.default', 'fasthess.layer_norm_fused.default', 'aten.pow.Tensor_Scalar', 'aten.sum.default']
+    >>> [str(n.func) for n in g.nodes][-3:]  # one node instead of ~10 elementwise ops
+    ['fasthess.layer_norm_fused.default', 'aten.pow.Tensor_Scalar', 'aten.sum.default']
 """
 
 from __future__ import annotations
