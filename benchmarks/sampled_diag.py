@@ -51,9 +51,12 @@ PRESETS = {
     # BERT-small-shaped encoder classifier (issue 3, model (i))
     ("encoder", "paper"): dict(hidden=512, layers=4, heads=8, ff=2048, seq=128, batch=32, samples=200),
     ("encoder", "quick"): dict(hidden=128, layers=2, heads=4, ff=512, seq=32, batch=8, samples=25),
+    # between the two: attention at T = 128, D = 64 as in the paper preset, on one CPU core in seconds
+    ("encoder", "medium"): dict(hidden=256, layers=2, heads=4, ff=1024, seq=128, batch=4, samples=10),
     # seq2seq Transformer of the translation tutorial (emb 512, 3+3 layers, ff 512)
     ("seq2seq", "paper"): dict(hidden=512, layers=3, heads=8, ff=512, seq=32, batch=128, samples=200),
     ("seq2seq", "quick"): dict(hidden=64, layers=2, heads=4, ff=128, seq=16, batch=16, samples=25),
+    ("seq2seq", "medium"): dict(hidden=256, layers=2, heads=4, ff=256, seq=32, batch=32, samples=10),
 }
 VOCAB = 1000
 
@@ -311,7 +314,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["encoder", "seq2seq"], default="encoder")
-    parser.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--preset", choices=["quick", "medium", "paper"], default="quick")
     parser.add_argument("--methods", default="gradient,naive,torch_func,curvlinops,fasthess,fasthess-fwd_rev")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=32, help="tangents per batched pass (torch_func, curvlinops)")
