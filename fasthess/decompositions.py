@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import TrainingModeError
-from .fused_nodes import try_attention, try_layer_norm
+from .fused_nodes import try_attention, try_cross_entropy, try_layer_norm
 
 __all__ = ["autodiff_safe", "layer_norm", "scaled_dot_product_attention"]
 
@@ -224,6 +224,17 @@ class _Patcher:
 
         return guarded
 
+    @staticmethod
+    def _cross_entropy() -> Any:
+        """``F.cross_entropy`` unchanged, except that it is one fused node while the tangent-adjoint engine records."""
+        original = F.cross_entropy
+
+        def cross_entropy(input: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            fused = try_cross_entropy(input, target, *args, **kwargs)
+            return fused if fused is not None else original(input, target, *args, **kwargs)
+
+        return cross_entropy
+
     def replacements(self) -> dict[str, Any]:
         return {
             "layer_norm": layer_norm,
@@ -232,6 +243,7 @@ class _Patcher:
             "group_norm": group_norm,
             "scaled_dot_product_attention": scaled_dot_product_attention,
             "mse_loss": mse_loss,
+            "cross_entropy": self._cross_entropy(),
             "dropout": self._dropout_guard("dropout"),
             "dropout1d": self._dropout_guard("dropout1d"),
             "dropout2d": self._dropout_guard("dropout2d"),

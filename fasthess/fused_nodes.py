@@ -11,7 +11,10 @@ call the custom ops defined here instead, for the cases the 2-jet kernels take:
   q, k, v with k and v of one shape, and no mask, ``is_causal``, or a mask that is exactly
   a key-padding mask, optionally combined with the causal one (boolean, or additive with
   0 / ``-inf`` / ``finfo.min`` entries, as ``nn.MultiheadAttention`` and HF models pass it);
-* ``fasthess::layer_norm_fused(x, weight, bias, eps)``: layer norm over the last dim.
+* ``fasthess::layer_norm_fused(x, weight, bias, eps)``: layer norm over the last dim;
+* ``fasthess::cross_entropy_fused(z, y, ignore_index)``: ``F.cross_entropy`` of ``(N, V)`` logits
+  and class indices with the default mean reduction, no class weights, no label smoothing
+  (its rule runs the cross-entropy 2-jet kernel instead of log-softmax + ``nll_loss`` rules).
 
 Anything else keeps the plain decomposition. Each op's forward is the math path and its
 autograd formula is hand-written (one backward pass is all the engine's replay needs),
@@ -45,7 +48,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["attention_fused", "disabled", "enabled", "layer_norm_fused", "recording", "try_attention", "try_layer_norm"]
+__all__ = [
+    "attention_fused", "cross_entropy_fused", "disabled", "enabled", "layer_norm_fused", "recording",
+    "try_attention", "try_cross_entropy", "try_layer_norm",
+]
 
 # While the tangent-adjoint engine records: a predicate "does this tensor depend on the
 # selected parameters" (from the recorder), else None.
@@ -246,3 +252,58 @@ def try_layer_norm(
         if t is not None and (t.shape != input.shape[-1:] or t.dtype != input.dtype):
             return None
     return layer_norm_fused(input, weight, bias, float(eps))
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+@torch.library.custom_op("fasthess::cross_entropy_fused", mutates_args=())
+def cross_entropy_fused(z: Tensor, y: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross-entropy of ``(N, V)`` logits and ``(N,)`` class indices over the rows not ``ignore_index``."""
+    keep = y != ignore_index
+    picked = torch.log_softmax(z, -1).gather(1, torch.where(keep, y, 0)[:, None])[:, 0]
+    return -(picked * keep).sum() / keep.sum()
+
+
+@cross_entropy_fused.register_fake
+def _(z, y, ignore_index):  # noqa: ANN001, ANN202
+    return z.new_empty(())
+
+
+def _cross_entropy_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    z, y, ignore_index = inputs
+    ctx.save_for_backward(z, y)
+    ctx.ignore_index = ignore_index
+
+
+def _cross_entropy_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+    z, y = ctx.saved_tensors
+    keep = y != ctx.ignore_index
+    dz = torch.softmax(z, -1)
+    dz[torch.arange(z.shape[0], device=z.device), torch.where(keep, y, 0)] -= 1
+    return dz * (keep[:, None] * (grad / keep.sum())), None, None
+
+
+cross_entropy_fused.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def try_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor | None:
+    """The fused node for an ``F.cross_entropy`` call it supports (while recording), else None."""
+    if _recording.get() is None or not enabled():
+        return None
+    if weight is not None or size_average is not None or reduce is not None or reduction != "mean" or label_smoothing:
+        return None
+    if input.dim() != 2 or not input.is_floating_point() or target.shape != input.shape[:1]:
+        return None
+    if target.dtype not in (torch.int64, torch.int32) or not bool((target != ignore_index).any()):
+        return None
+    return cross_entropy_fused(input, target.long(), int(ignore_index))

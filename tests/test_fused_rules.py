@@ -1,4 +1,4 @@
-"""Fused attention / layer-norm nodes in the tangent-adjoint engine (fasthess.fused_nodes).
+"""Fused attention / layer-norm / cross-entropy nodes in the tangent-adjoint engine (fasthess.fused_nodes).
 
 Every kernel backend available here must give the dense float64 Hessian's entries; the
 fused nodes must really be recorded (and their kernels called), only while that engine
@@ -21,11 +21,13 @@ from zoo import ZOO, Case, dense_hessian_diagonals
 import fasthess
 from fasthess import fused_nodes
 from fasthess.capture import capture
-from fasthess.kernels import attention, layer_norm
+from fasthess.kernels import attention, layer_norm, loss
 
 ATTENTION = "fasthess.attention_fused.default"
 LAYER_NORM = "fasthess.layer_norm_fused.default"
-BACKENDS = [b for b in ("torch", "cpp") if b in attention.family.available() and b in layer_norm.family.available()]
+CROSS_ENTROPY = "fasthess.cross_entropy_fused.default"
+FAMILIES = (attention.family, layer_norm.family, loss.family)
+BACKENDS = [b for b in ("torch", "cpp") if all(b in family.available() for family in FAMILIES)]
 
 _dense: dict[str, tuple[Case, dict[str, Tensor]]] = {}
 
@@ -61,10 +63,10 @@ def _recorded(case: Case, fused: bool = True) -> collections.Counter:
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
-    """Counts calls of every attention / layer-norm kernel backend, by (family, backend); ``.dtypes``: their dtypes."""
+    """Counts calls of every kernel backend the fused rules use, by (family, backend); ``.dtypes``: their dtypes."""
     calls: collections.Counter = collections.Counter()
     calls.dtypes = set()
-    for family in (attention.family, layer_norm.family):
+    for family in FAMILIES:
         for name, (ok, fn) in list(family.backends.items()):
 
             def counted(*args, _fn=fn, _key=(family.name, name), **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -76,18 +78,22 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
     return calls
 
 
-# (zoo model, attention nodes, layer-norm nodes) recorded for the whole model
-FUSED_COUNTS = [("mha", 1, 1), ("encoder", 2, 4), ("decoder", 4, 6), ("sdpa", 1, 1), ("hf_bert", 2, 5), ("hf_gpt2", 2, 5)]
+# (zoo model, attention, layer-norm, cross-entropy nodes) recorded for the whole model
+FUSED_COUNTS = [
+    ("mlp", 0, 0, 1), ("mha", 1, 1, 1), ("encoder", 2, 4, 1), ("decoder", 4, 6, 0), ("sdpa", 1, 1, 1),
+    ("hf_bert", 2, 5, 1), ("hf_gpt2", 2, 5, 1),
+]
 
 
-@pytest.mark.parametrize(("model", "n_attention", "n_layer_norm"), FUSED_COUNTS)
-def test_fused_nodes_are_recorded_only_when_asked(model: str, n_attention: int, n_layer_norm: int) -> None:
+@pytest.mark.parametrize(("model", "n_attention", "n_layer_norm", "n_cross_entropy"), FUSED_COUNTS)
+def test_fused_nodes_are_recorded_only_when_asked(model: str, n_attention: int, n_layer_norm: int, n_cross_entropy: int) -> None:
     case = ZOO[model]()
     fused = _recorded(case)
-    assert (fused[ATTENTION], fused[LAYER_NORM]) == (n_attention, n_layer_norm)
-    assert "aten._softmax.default" not in fused  # no attention left as plain ops
+    assert (fused[ATTENTION], fused[LAYER_NORM], fused[CROSS_ENTROPY]) == (n_attention, n_layer_norm, n_cross_entropy)
+    assert "aten._softmax.default" not in fused and "aten._log_softmax.default" not in fused  # none left as plain ops
     plain = _recorded(case, fused=False)
-    assert plain[ATTENTION] == plain[LAYER_NORM] == 0 and plain["aten._softmax.default"] == n_attention
+    assert plain[ATTENTION] == plain[LAYER_NORM] == plain[CROSS_ENTROPY] == 0
+    assert (plain["aten._softmax.default"], plain["aten._log_softmax.default"]) == (n_attention, n_cross_entropy)
     with fused_nodes.disabled():
         assert _recorded(case)[ATTENTION] == 0
 
@@ -103,7 +109,8 @@ def test_sampled_entries_match_dense_for_every_backend(model: str, backend: str,
         assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"{model}/{backend}/{name}")
     # the fused rules ran, on the backend asked for
     assert kernel_calls[("attention_jet2", backend)] > 0 and kernel_calls[("layer_norm_jet2", backend)] > 0
-    assert sum(kernel_calls.values()) == kernel_calls[("attention_jet2", backend)] + kernel_calls[("layer_norm_jet2", backend)]
+    assert kernel_calls[("cross_entropy_jet2", backend)] > 0 or model == "decoder"
+    assert all(b == backend for _, b in kernel_calls)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,6 +208,32 @@ def test_mask_forms_fuse_or_fall_back_and_match_dense(kind: str) -> None:
     rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
     for name in layers:
         assert_entries_close(res[name].values, dense[name], rtol, atol, f"{kind}/{name}")
+
+
+CROSS_ENTROPY_FORMS = {  # keyword arguments -> whether the cross-entropy node is fused
+    "default": ({}, True),
+    "ignore_index": ({"ignore_index": 2}, True),
+    # (label smoothing is not fused either; its ATen form updates a dependent tensor in place, so the
+    # engine cannot record it and falls back to a generic one, as without fused nodes)
+    "class_weights": ({"weight": torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)}, False),
+    "sum": ({"reduction": "sum"}, False),
+}
+
+
+@pytest.mark.parametrize("form", list(CROSS_ENTROPY_FORMS))
+def test_cross_entropy_forms_fuse_or_fall_back_and_match_dense(form: str) -> None:
+    kwargs, fused = CROSS_ENTROPY_FORMS[form]
+    case = ZOO["mlp"]()
+    x = torch.randn(11, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (11,), generator=torch.Generator().manual_seed(2))
+    case = Case(form, case.model, lambda: F.cross_entropy(case.model(x), y, **kwargs), case.layers)
+    recorded = _recorded(case)
+    assert recorded[CROSS_ENTROPY] == int(fused) and recorded["aten._log_softmax.default"] == int(not fused)
+    dense = dense_hessian_diagonals(case, list(fasthess.resolve_parameters(case.model, case.layers)))
+    res = fasthess.diag(case.model, case.loss, case.layers, method="exact", engine="tangent_adjoint")
+    rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
+    for name, layer in res.layers.items():
+        assert_entries_close(layer.values, dense[name], rtol, atol, f"{form}/{name}")
 
 
 class _Ops(TorchDispatchMode):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm}_fused
+from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm,cross_entropy}_fused
 from ..capture import Node
 
 aten = torch.ops.aten
@@ -615,6 +615,18 @@ def layer_norm_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], la
     return [out], contribution
 
 
+def cross_entropy_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """``fasthess::cross_entropy_fused``: the cross-entropy 2-jet kernel, second-order logit tangents 0."""
+    from ..kernels.loss import cross_entropy_jet2, family
+    from ..kernels.registry import preferred_backend
+
+    (z, y, ignore_index), _ = tree_unflatten(list(primal), node.spec)
+    tz = _densify(tans[0])
+    backend = preferred_backend(family.name, family.backends)
+    _, l1, l2 = cross_entropy_jet2(z, y, tz, torch.zeros_like(tz), ignore_index, backend)
+    return [l1], (l2 * lams[0] if lams[0] is not None else None)
+
+
 # ----------------------------------------------------------------------------- table
 
 Rule = Callable[[Node, list, list, list], RuleResult]
@@ -670,6 +682,7 @@ RULES[aten._log_softmax.default] = log_softmax_rule
 RULES[aten.detach.default] = detach_rule
 RULES[torch.ops.fasthess.attention_fused.default] = attention_fused_rule
 RULES[torch.ops.fasthess.layer_norm_fused.default] = layer_norm_fused_rule
+RULES[torch.ops.fasthess.cross_entropy_fused.default] = cross_entropy_fused_rule
 
 # Ops whose rules never produce a second-order term (no adjoint needed).
 LINEAR_OPS = {op for op, r in RULES.items() if r in (view_rule, unary_linear_rule, add_sub_rule, zero_fill_rule,
