@@ -1,8 +1,9 @@
-"""Benchmark: the tangent-adjoint engine with fused attention / layer-norm nodes on vs off, in one process.
+"""Benchmark: the tangent-adjoint engine with fused attention / layer-norm / cross-entropy nodes on vs off.
 
-``fasthess.diag(method="sampled")`` on the models of ``sampled_diag.py``, alternating
-fused nodes on (the default) and off (``fasthess.fused_nodes.disabled()``, the same as
-``FASTHESS_FUSED_NODES=0``) repeat by repeat, the order swapped every repeat, so both
+``fasthess.diag(method="sampled")`` on the models of ``sampled_diag.py`` in one process,
+cycling through the fused-node modes (``fasthess.fused_nodes.using``: ``all`` = every
+supported node fused, ``auto`` = the default policy, ``off`` = plain ops, as
+``FASTHESS_FUSED_NODES=0``) repeat by repeat, the order rotated every repeat, so all
 see the same load on a shared machine. Reported per mode: median seconds and entries/s,
 the memory the engine keeps between passes (recorded values + adjoints: the bytes of
 their distinct storages), on a GPU the allocator's peak per call; the on/off ratios; the largest
@@ -16,7 +17,6 @@ Writes ``benchmarks/results/fused_nodes-<model>-<preset>[-cuda].json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -35,9 +35,9 @@ import sampled_diag  # noqa: E402 - the models and presets of the main benchmark
 
 import fasthess  # noqa: E402
 from fasthess.engines import tangent_adjoint  # noqa: E402
-from fasthess.fused_nodes import disabled  # noqa: E402
+from fasthess.fused_nodes import using  # noqa: E402
 
-MODES = {"on": contextlib.nullcontext, "off": disabled}
+MODES = ("all", "auto", "off")
 
 
 class KeptBytes:
@@ -79,7 +79,7 @@ def main() -> None:
     cuda = args.device == "cuda"
 
     def run(mode: str) -> tuple[float, float | None, fasthess.DiagResult]:
-        with MODES[mode]():
+        with using(mode):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -100,15 +100,15 @@ def main() -> None:
             results[mode] = run(mode)[2]
             kept[mode] = counter.last / 2**20
     for r in range(args.repeats):
-        for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
+        for mode in MODES[r % 3 :] + MODES[: r % 3]:
             seconds, peak, _ = run(mode)
             times[mode].append(seconds)
             if peak is not None:
                 peaks[mode].append(peak)
-    entries = sum(layer.values.numel() for layer in results["on"].layers.values())
+    entries = sum(layer.values.numel() for layer in results["off"].layers.values())
     dev = max(
-        float((results["on"][n].values - results["off"][n].values).abs().max() / results["off"][n].values.abs().max())
-        for n in results["on"].layers
+        float((results[m][n].values - results["off"][n].values).abs().max() / results["off"][n].values.abs().max())
+        for m in MODES for n in results["off"].layers
     )
     rows = {}
     for mode in MODES:
@@ -118,13 +118,16 @@ def main() -> None:
             "peak_mib": statistics.median(peaks[mode]) if peaks[mode] else None,
         }
     ratio = {
-        "entries_per_s_on_over_off": rows["on"]["entries_per_s"] / rows["off"]["entries_per_s"],
-        "kept_on_over_off": kept["on"] / kept["off"],
-        "peak_on_over_off": rows["on"]["peak_mib"] / rows["off"]["peak_mib"] if cuda else None,
+        mode: {
+            "entries_per_s": rows[mode]["entries_per_s"] / rows["off"]["entries_per_s"],
+            "kept": kept[mode] / kept["off"],
+            "peak": rows[mode]["peak_mib"] / rows["off"]["peak_mib"] if cuda else None,
+        }
+        for mode in MODES[:2]
     }
     meta = {
         "model": args.model, "preset": args.preset, "config": c, "layers": layers, "entries": entries,
-        "repeats": args.repeats, "device": args.device, "backend": results["on"].meta.get("backend"),
+        "repeats": args.repeats, "device": args.device, "backend": results["all"].meta.get("backend"),
         "gpu": torch.cuda.get_device_name() if cuda else None, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "max_rel_dev_on_vs_off": dev,
@@ -135,10 +138,12 @@ def main() -> None:
     path.write_text(json.dumps({"meta": meta, "rows": rows, "ratio": ratio}, indent=1))
     for mode, row in rows.items():
         peak = f", peak {row['peak_mib']:.0f} MiB" if row["peak_mib"] is not None else ""
-        print(f"fused {mode:>3}: {row['seconds']:.2f} s median of {args.repeats} ({entries} entries, "
+        print(f"fused {mode:>4}: {row['seconds']:.2f} s median of {args.repeats} ({entries} entries, "
               f"{row['entries_per_s']:.1f} entries/s), kept {row['kept_mib']:.1f} MiB{peak}")
-    print(f"on/off: {ratio['entries_per_s_on_over_off']:.2f}x entries/s, kept memory {ratio['kept_on_over_off']:.2f}x"
-          + (f", peak {ratio['peak_on_over_off']:.2f}x" if cuda else "") + f"; max rel. difference {dev:.1e}")
+    for mode, r in ratio.items():
+        print(f"{mode}/off: {r['entries_per_s']:.2f}x entries/s, kept memory {r['kept']:.2f}x"
+              + (f", peak {r['peak']:.2f}x" if cuda else ""))
+    print(f"max rel. difference between modes {dev:.1e}")
     print(f"wrote {path}")
 
 

@@ -22,8 +22,16 @@ so the recorder sees ONE node whose rule in :mod:`fasthess.engines.second_order_
 calls the attention / layer-norm 2-jet kernel families. Other engines never see these
 ops: the flag is off outside the tangent-adjoint engine's capture.
 
-``FASTHESS_FUSED_NODES=0`` in the environment turns the fused nodes off (for benchmarks and
-bisecting); :func:`disabled` does the same within a ``with`` block.
+Which nodes are fused (:func:`mode`; ``FASTHESS_FUSED_NODES`` in the environment, or
+:func:`using` within a ``with`` block):
+
+* ``"auto"`` (default): every supported case, except attention on a CPU with fewer than
+  :data:`CPU_MIN_KEYS` keys: there the C++ kernel's per-block products cost more than the
+  batched ``bmm`` of the plain ops (measured with ``benchmarks/fused_nodes.py``, one core:
+  seq2seq 16 keys, head dim 16: 0.56x the entries/s with every attention fused; encoder
+  32 keys, head dim 32: 0.96x; 128 keys, head dim 64: 1.04x);
+* ``"all"``: every supported case (tests, benchmarks);
+* ``"0"`` / ``"off"``: none (:func:`disabled`).
 
 Example:
     >>> import torch
@@ -49,31 +57,62 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "attention_fused", "cross_entropy_fused", "disabled", "enabled", "layer_norm_fused", "recording",
-    "try_attention", "try_cross_entropy", "try_layer_norm",
+    "CPU_MIN_KEYS", "attention_fused", "cross_entropy_fused", "disabled", "enabled", "layer_norm_fused", "mode",
+    "recording", "try_attention", "try_cross_entropy", "try_layer_norm", "using",
 ]
+
+CPU_MIN_KEYS = 128  # "auto": attention on a CPU is fused from this many keys on
 
 # While the tangent-adjoint engine records: a predicate "does this tensor depend on the
 # selected parameters" (from the recorder), else None.
 _recording: contextvars.ContextVar[Callable[[Tensor], bool] | None] = contextvars.ContextVar(
     "fasthess_fused_recording", default=None
 )
-_disabled: contextvars.ContextVar[bool] = contextvars.ContextVar("fasthess_fused_disabled", default=False)
+_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("fasthess_fused_mode", default=None)
+_MODES = {"auto": "auto", "all": "all", "1": "all", "on": "all", "0": "off", "off": "off"}
+
+
+def mode() -> str:
+    """``"auto"``, ``"all"`` or ``"off"``: set by :func:`using`, else ``FASTHESS_FUSED_NODES`` (default ``auto``).
+
+    Raises:
+        ValueError: ``FASTHESS_FUSED_NODES`` has another value.
+    """
+    chosen = _mode.get()
+    if chosen is not None:
+        return chosen
+    env = os.environ.get("FASTHESS_FUSED_NODES", "auto").strip().lower()
+    if env not in _MODES:
+        raise ValueError(f"FASTHESS_FUSED_NODES={env!r}: use 'auto' (default), 'all' or '0' (off)")
+    return _MODES[env]
 
 
 def enabled() -> bool:
-    """Whether the tangent-adjoint engine should record fused nodes (``FASTHESS_FUSED_NODES`` != ``0``)."""
-    return not _disabled.get() and os.environ.get("FASTHESS_FUSED_NODES", "1") != "0"
+    """Whether the tangent-adjoint engine should record fused nodes at all."""
+    return mode() != "off"
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Record attention and layer norm as their plain ops inside this block (benchmarks, tests)."""
-    token = _disabled.set(True)
+def using(which: str) -> Iterator[None]:
+    """Fuse ``"auto"``, ``"all"`` or ``"off"`` (no) nodes inside this block, whatever the environment says.
+
+    Example:
+        >>> with using("off"):
+        ...     enabled()
+        False
+    """
+    if which not in ("auto", "all", "off"):
+        raise ValueError(f"fused-node mode {which!r}: use 'auto', 'all' or 'off'")
+    token = _mode.set(which)
     try:
         yield
     finally:
-        _disabled.reset(token)
+        _mode.reset(token)
+
+
+def disabled() -> contextlib.AbstractContextManager[None]:
+    """Record attention, layer norm and cross-entropy as their plain ops inside this block."""
+    return using("off")
 
 
 @contextlib.contextmanager
@@ -182,6 +221,8 @@ def try_attention(
         return None
     b, h, tq, d = query.shape
     tk = key.shape[-2]
+    if mode() == "auto" and key.device.type == "cpu" and tk < CPU_MIN_KEYS:
+        return None  # the plain ops' batched bmm is faster there (see the module docstring)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     causal, pad = bool(is_causal), None
     if attn_mask is not None:

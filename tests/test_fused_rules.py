@@ -32,6 +32,12 @@ BACKENDS = [b for b in ("torch", "cpp") if all(b in family.available() for famil
 _dense: dict[str, tuple[Case, dict[str, Tensor]]] = {}
 
 
+@pytest.fixture(autouse=True)
+def fuse_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo's attention has few keys, which "auto" leaves unfused on a CPU: fuse every supported case."""
+    monkeypatch.setenv("FASTHESS_FUSED_NODES", "all")
+
+
 def _case(name: str) -> tuple[Case, dict[str, Tensor]]:
     if name not in _dense:
         case = ZOO[name]()
@@ -256,6 +262,22 @@ def test_other_engines_never_see_fused_nodes(engine: str) -> None:
     rtol, atol = ENGINE_VS_DENSE[(torch.float64, engine)]
     for name, layer in res.layers.items():
         assert_entries_close(layer.values, dense[name][layer.indices], rtol, atol, f"{engine}/{name}")
+
+
+def test_auto_fuses_cpu_attention_from_enough_keys_and_always_layer_norm_and_loss() -> None:
+    case = ZOO["sdpa"]()  # 5 keys
+    with fused_nodes.using("auto"):
+        small = _recorded(case)
+    assert (small[ATTENTION], small[LAYER_NORM], small[CROSS_ENTROPY]) == (0, 1, 1)
+    q = torch.randn(1, 1, fused_nodes.CPU_MIN_KEYS, 2, dtype=torch.float64)
+    w = torch.randn(2, 2, dtype=torch.float64)
+    f = lambda ps: F.scaled_dot_product_attention(q @ ps[0], q, q, is_causal=True).sum()  # noqa: E731
+    with fasthess.autodiff_safe(), fused_nodes.using("auto"):
+        long = capture(f, [w], fused=True)
+    assert [str(n.func) for n in long.nodes].count(ATTENTION) == 1
+    with pytest.raises(ValueError, match="FASTHESS_FUSED_NODES"), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTHESS_FUSED_NODES", "yes")
+        fused_nodes.mode()
 
 
 def test_environment_switch_turns_fused_nodes_off(monkeypatch: pytest.MonkeyPatch, kernel_calls) -> None:  # noqa: ANN001
