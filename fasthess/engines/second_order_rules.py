@@ -13,6 +13,11 @@ tangent of a 2-jet is linear in the first-order one, so it can be transposed
 onto the adjoints of one shared backward pass). Ops without a hand-written rule
 use ``torch.func.jvp`` on that op alone: nested for the second-order term.
 
+The fused nodes of :mod:`fasthess.fused_nodes` (attention, layer norm, cross-entropy)
+have rules that call the 2-jet kernel families (backend from ``diag(..., backend=)``)
+with zero second-order input tangents: the kernel's first-order output is the output
+tangent and ``⟨λ, second-order output⟩`` the contribution.
+
 A tangent is either a dense ``(K, *shape)`` tensor or a :class:`OneHot` seed
 (a single 1 per direction, as for sampled coordinates), which view ops move and
 matrix products turn into a scattered copy of one input column without a matmul.

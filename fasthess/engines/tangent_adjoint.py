@@ -19,10 +19,11 @@ So the engine
    *downstream* of that layer only, with a first-order tangent per direction,
    adding each op's local second-order term (:mod:`.second_order_rules`).
 
-Attention (the cases the 2-jet kernels take) and layer norm over the last dim are
-recorded as single nodes (:mod:`fasthess.fused_nodes`) whose rules run the fused
-2-jet kernels (``diag(..., backend=)`` picks the backend): no ``(K, B, H, T, T)``
-tangent exists per pass, and their adjoints are one tensor each.
+Attention (the cases the 2-jet kernels take), layer norm over the last dim and
+cross-entropy are recorded as single nodes (:mod:`fasthess.fused_nodes`, which also
+says when attention is left as plain ops) whose rules run the 2-jet kernels
+(``diag(..., backend=)`` picks the backend): no ``(K, B, H, T, T)`` tangent is
+materialised by the blocked kernels, and each node keeps one adjoint.
 A sampled entry of a linear weight enters as a copy of one input column (no
 matmul), the upstream part of the network is never revisited, and no backward
 pass runs per entry: a generic forward-over-reverse HVP costs about three times
