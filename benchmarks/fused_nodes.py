@@ -51,7 +51,8 @@ class KeptBytes:
         def counted(graph, params):  # noqa: ANN001, ANN202
             values, adjoints = self._orig(graph, params)
             # distinct storages: expanded views (stride 0) and views of one tensor count once
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for d in (values, adjoints) for t in d.values()}
+            tensors = [t for d in (values, adjoints) for t in d.values()]
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
             self.last = sum(storages.values())
             return values, adjoints
 
@@ -131,7 +132,9 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if cuda else None, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "max_rel_dev_on_vs_off": dev,
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip(),
+        "git_commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"fused_nodes-{args.model}-{args.preset}{'-cuda' if cuda else ''}.json"

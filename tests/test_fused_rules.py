@@ -92,7 +92,9 @@ FUSED_COUNTS = [
 
 
 @pytest.mark.parametrize(("model", "n_attention", "n_layer_norm", "n_cross_entropy"), FUSED_COUNTS)
-def test_fused_nodes_are_recorded_only_when_asked(model: str, n_attention: int, n_layer_norm: int, n_cross_entropy: int) -> None:
+def test_fused_nodes_are_recorded_only_when_asked(
+    model: str, n_attention: int, n_layer_norm: int, n_cross_entropy: int
+) -> None:
     case = ZOO[model]()
     fused = _recorded(case)
     assert (fused[ATTENTION], fused[LAYER_NORM], fused[CROSS_ENTROPY]) == (n_attention, n_layer_norm, n_cross_entropy)
@@ -108,7 +110,9 @@ def test_fused_nodes_are_recorded_only_when_asked(model: str, n_attention: int, 
 @pytest.mark.parametrize("model", ["mha", "encoder", "decoder", "sdpa", "hf_bert", "hf_gpt2"])
 def test_sampled_entries_match_dense_for_every_backend(model: str, backend: str, kernel_calls) -> None:  # noqa: ANN001
     case, dense = _case(model)
-    res = fasthess.diag(case.model, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", seed=3, backend=backend)
+    res = fasthess.diag(
+        case.model, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", seed=3, backend=backend
+    )
     assert res.meta["engine_fallback"] is None
     rtol, atol = ENGINE_VS_DENSE[(torch.float64, "tangent_adjoint")]
     for name, layer in res.layers.items():
@@ -135,7 +139,8 @@ def test_float32_model_with_fused_nodes(backend: str, kernel_calls) -> None:  # 
     model32 = case.model.float()
     try:
         res = fasthess.diag(
-            model32, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", dtype=torch.float32, backend=backend
+            model32, case.loss, case.layers, num_samples=12, engine="tangent_adjoint", dtype=torch.float32,
+            backend=backend,
         )
     finally:
         case.model.double()
@@ -164,14 +169,15 @@ class MaskedAttention(nn.Module):
 
     def mask(self) -> tuple[Tensor | None, bool]:
         t = self.pad.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        future = torch.ones(t, t, dtype=torch.bool).triu(1)
+        future = torch.zeros(t, t, dtype=torch.float64).masked_fill(future, float("-inf"))
         padding = torch.zeros(2, 1, 1, t, dtype=torch.float64).masked_fill(self.pad[:, None, None, :], float("-inf"))
         return {
             "none": (None, False),
             "is_causal": (None, True),
             "bool_padding": (~self.pad[:, None, None, :], False),
             "float_padding_min": (padding.clamp_min(torch.finfo(torch.float64).min), False),
-            "causal_and_padding": (padding + torch.zeros(t, t, dtype=torch.float64).masked_fill(~causal, float("-inf")), False),
+            "causal_and_padding": (padding + future, False),
             "bool_pattern": (self.pattern, False),
             "additive_bias": (self.fixed_bias.double(), False),
             "learned_bias": (self.bias, False),
@@ -280,7 +286,9 @@ def test_auto_fuses_cpu_attention_from_enough_keys_and_always_layer_norm_and_los
         fused_nodes.mode()
 
 
-def test_environment_switch_turns_fused_nodes_off(monkeypatch: pytest.MonkeyPatch, kernel_calls) -> None:  # noqa: ANN001
+def test_environment_switch_turns_fused_nodes_off(
+    monkeypatch: pytest.MonkeyPatch, kernel_calls  # noqa: ANN001
+) -> None:
     monkeypatch.setenv("FASTHESS_FUSED_NODES", "0")
     case, dense = _case("sdpa")
     assert _recorded(case)[ATTENTION] == 0

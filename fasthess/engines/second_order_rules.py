@@ -564,7 +564,9 @@ def _zeros_like_batched(x: Tensor, k: int) -> Tensor:
     return x.new_zeros((k, *x.shape))
 
 
-def attention_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+def attention_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
     """``fasthess::attention_fused``: the attention 2-jet kernel with second-order input tangents 0.
 
     Then ``o2 = f''[ẋ, ẋ]``, so the contribution is ``⟨λ, o2⟩`` per direction; inputs that do
@@ -587,7 +589,9 @@ def attention_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], lam
     return [o1], (_k_sum(o2.mul_(lams[0])) if lams[0] is not None else None)
 
 
-def layer_norm_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+def layer_norm_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
     """``fasthess::layer_norm_fused``: the layer-norm 2-jet kernel for the input tangent, weight/bias by hand.
 
     With ``x̂ = LN(x)`` (no affine), ``y = x̂ ⊙ w + b``: ``ẏ = ẋ̂ ⊙ w + x̂ ⊙ ẇ + ḃ`` and
@@ -620,7 +624,9 @@ def layer_norm_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], la
     return [out], contribution
 
 
-def cross_entropy_fused_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+def cross_entropy_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
     """``fasthess::cross_entropy_fused``: the cross-entropy 2-jet kernel, second-order logit tangents 0."""
     from ..kernels.loss import cross_entropy_jet2, family
     from ..kernels.registry import preferred_backend
