@@ -11,7 +11,7 @@ same layers, in the same run, each in its own process so peak memory is its own:
 * ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``;
   ``fasthess-unfused``: the tangent-adjoint engine with attention and layer norm recorded
   as plain ops instead of fused nodes (``fasthess.fused_nodes.disabled()``, the same as
-  ``FASTHESS_FUSED_NODES=0``); ``fasthess`` / ``fasthess-unfused`` is the fused nodes' gain.
+  ``FASTHESS_FUSED_NODES=0``); ``fasthess`` (default policy) / ``fasthess-unfused`` is their gain.
 
 Reported per method: seconds (median over repeats), entries/s, entries per
 gradient-time (the time of one forward+backward measured in the same process),
@@ -400,7 +400,7 @@ def main() -> None:
     by = {r["method"]: r for r in rows if "error" not in r}
     if "fasthess" in by and "fasthess-unfused" in by:
         f, u = by["fasthess"], by["fasthess-unfused"]
-        print(f"\nfused nodes on / off: {f['entries_per_s'] / u['entries_per_s']:.2f}x entries/s, "
+        print(f"\nfused nodes (default policy) / off: {f['entries_per_s'] / u['entries_per_s']:.2f}x entries/s, "
               f"peak memory {f['peak_mib']:.0f} / {u['peak_mib']:.0f} MiB")
     _plot(rows, stem.with_suffix(".png"), meta)
     print(f"\nwrote {stem}.json/.csv/.png")
