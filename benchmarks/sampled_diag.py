@@ -9,8 +9,8 @@ same layers, in the same run, each in its own process so peak memory is its own:
 * ``curvlinops``: ``HessianLinearOperator`` (curvlinops-for-pytorch) applied to
   one-hot matrices, one column block per layer;
 * ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``;
-  ``fasthess-unfused``: the tangent-adjoint engine with attention and layer norm recorded
-  as plain ops instead of fused nodes (``fasthess.fused_nodes.disabled()``, the same as
+  ``fasthess-unfused``: the tangent-adjoint engine with attention, layer norm and cross-entropy
+  as plain ops, not fused nodes (``fasthess.fused_nodes.disabled()``, the same as
   ``FASTHESS_FUSED_NODES=0``); ``fasthess`` (default policy) / ``fasthess-unfused`` is their gain.
 
 Reported per method: seconds (median over repeats), entries/s, entries per
