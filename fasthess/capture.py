@@ -168,9 +168,9 @@ def capture(f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor], f
     Args:
         f: function of the list of parameter tensors returning a scalar tensor.
         params: the point; each becomes a placeholder.
-        fused: let the decompositions of :func:`fasthess.autodiff_safe` record attention and
-            layer norm as single nodes (:mod:`fasthess.fused_nodes`); only for an engine with
-            rules for them.
+        fused: let the decompositions of :func:`fasthess.autodiff_safe` record attention,
+            layer norm and cross-entropy as single nodes (:mod:`fasthess.fused_nodes`); only
+            for an engine with rules for them.
 
     Raises:
         CaptureError: the loss updates a dependent tensor in place, draws random

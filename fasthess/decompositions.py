@@ -20,8 +20,9 @@ at call time. Code that bound one of these functions to a local name before the
 block starts keeps the original; the dense-Hessian tests exist to catch that.
 
 While the tangent-adjoint engine records a loss (:mod:`fasthess.fused_nodes`), layer norm
-over the last dim and the attention cases the 2-jet kernels take become single custom
-ops instead, so that engine can run the fused kernels on them.
+over the last dim, the attention cases the 2-jet kernels take and plain ``F.cross_entropy``
+(otherwise passed through unchanged) become single custom ops instead, so that engine can
+run the fused kernels on them.
 
 The same hook refuses functional dropout that is active (``training=True``,
 ``p > 0``), since it would make the loss a random function.
@@ -157,7 +158,7 @@ def scaled_dot_product_attention(
             f"scaled_dot_product_attention was called with dropout_p={dropout_p}: the loss "
             "would be random. Call model.eval() before measuring curvature."
         )
-    fused = try_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    fused = try_attention(query, key, value, attn_mask, is_causal, scale)
     if fused is not None:
         return fused
     if enable_gqa and key.shape[-3] != query.shape[-3]:

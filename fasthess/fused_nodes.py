@@ -207,7 +207,6 @@ def try_attention(
     attn_mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
-    enable_gqa: bool,
 ) -> Tensor | None:
     """The fused node for a ``F.scaled_dot_product_attention`` call it supports (while recording), else None."""
     depends = _recording.get()
