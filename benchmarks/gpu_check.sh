@@ -52,7 +52,7 @@ else
 fi
 step bench-kernels 150 $py benchmarks/kernels.py --device cuda --T 128,512,2048 --repeats 5 --out "$out"
 step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model encoder --preset paper --slow-samples 25 \
-  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-wide,fasthess-fwd_rev --out "$out"
+  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-unfused,fasthess-wide,fasthess-fwd_rev --out "$out"
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \
   --repeats 3 --methods gradient,naive,fasthess,fasthess-wide --out "$out"
 echo "total seconds=$((SECONDS - start))" | tee -a "$out/summary.txt"
