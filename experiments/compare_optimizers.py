@@ -119,7 +119,14 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
         set_learning_rate(opt, cfg, step)
         opt.zero_grad()
         loss = task.loss(model, {k: v[idx] for k, v in data.items()})
+        if not torch.isfinite(loss):  # stop at once: the checkpoints and other runs stay usable
+            lr = [group["lr"] for group in opt.param_groups]
+            raise FloatingPointError(
+                f"{opt_name} repeat {repeat} diverged: training loss {float(loss)} at step {step} (lr {lr}). "
+                f"Lower optimizers.{opt_name}.lr in the config; finished runs are kept and resume.")
         loss.backward()
+        if cfg.get("clip_grad_norm"):  # the language-modelling tutorial's setting (paper presets of Tables 3-5)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_norm"])
         opt.step()
         state["losses"].append(float(loss.detach()))
         state["step"] = step + 1

@@ -184,3 +184,16 @@ def test_estimator_study_quick_writes_every_estimator_against_the_exact_diagonal
         if r["estimator"] == "hutchinson":
             assert r["gain_vs_hutchinson"] == 1.0 and r["cost_products"] == r["budget"]
     assert (out / "estimator_study.md").read_text().startswith("| state | layer |")
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tmp_path: Path) -> None:
+    c = json.loads(_tiny_table2b(tmp_path).read_text())["quick"]
+    c.update(steps=40, eval_steps=[40])
+    c["optimizers"]["sgdm"]["lr"] = 1e12
+    data = compare_optimizers.make_data(c, 0)
+    with pytest.raises(FloatingPointError, match=r"sgdm repeat 0 diverged: training loss .* Lower optimizers.sgdm.lr"):
+        compare_optimizers.run_repeat(c, "sgdm", 0, data, tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "sgdm-r0.pt"
+    if checkpoint.exists():  # only finite states are saved
+        saved = torch.load(checkpoint, weights_only=False)
+        assert all(torch.isfinite(torch.tensor(saved["state"]["losses"])))
