@@ -51,6 +51,7 @@ else
   echo "memcheck-cuda skipped (no compute-sanitizer)" | tee -a "$out/summary.txt"
 fi
 step bench-kernels 150 $py benchmarks/kernels.py --device cuda --T 128,512,2048 --repeats 5 --out "$out"
+step bench-hvp 60 $py benchmarks/kernels.py --device cuda --ops attention_hvp --T 128,512,2048 --repeats 5 --out "$out/hvp"
 step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model encoder --preset paper --slow-samples 25 \
   --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-unfused,fasthess-wide,fasthess-fwd_rev --out "$out"
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \
