@@ -56,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cpu(
     const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
     const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
   check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
+  at::NoGradGuard no_grad;  // a 2-jet is not differentiated, and mm_out refuses inputs that require grad
   const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2), BH = B * H;
   const int64_t n = q1.size(0);
   at::Tensor keep;
