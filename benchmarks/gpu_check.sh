@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One pass of every check that needs an NVIDIA GPU, sized to finish in under 8 minutes on an H100/H200:
 # builds the extension against the CUDA torch (with the CUDA kernels), runs the GPU-marked tests (engines,
-# then the Triton and CUDA attention kernels against the reference), compute-sanitizer memcheck on the CUDA
-# kernel, the kernel benchmark, then the sampled-diagonal benchmarks. Logs and results go to the folder
+# then the Triton and CUDA attention / layer-norm / GELU kernels against the reference, in 4 pytest processes
+# because Triton's cold JIT dominates that step), compute-sanitizer memcheck on the CUDA kernels, the kernel
+# benchmark, then the sampled-diagonal benchmarks. Logs and results go to the folder
 # given as the argument. Every step is fail-soft: it has its own time limit, its log OUTDIR/NAME.log and a
 # line "NAME rc=.. seconds=.." in OUTDIR/summary.txt; a step that would start after the overall budget
 # (BUDGET seconds, default 470) is recorded as skipped.
@@ -34,20 +35,25 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUTDIR/NAME.
   echo "$name rc=$rc seconds=$((SECONDS - t0))$([ $rc -eq 124 ] && echo " (timed out at ${limit}s)")" | tee -a "$out/summary.txt"
 }
 { nvidia-smi; $py -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'triton', triton.__version__)"; which nvcc compute-sanitizer; nvcc --version; } >"$out/env.txt" 2>&1
+# Step times of the last H200 run (benchmarks/results/gpu_check/summary.txt): build 27 s, tests 33, memchecks
+# 10-11 each, bench-kernels 33, bench-encoder 89, bench-seq2seq 85; tests-kernels hit its limit at 150 s cold
+# (44.7 s once Triton's cache was warm), hence 4 processes. Limits leave the benchmarks their time in 470 s.
 step build 200 $py setup.py build_ext --inplace
 step backends 30 $py -c "from fasthess.kernels.attention import family, cuda_ext_available, triton_available; print('available:', family.available()); assert cuda_ext_available() and triton_available()"
 step tests 120 $py -m pytest -q -m gpu tests/test_gpu.py tests/test_distributed.py
-step tests-kernels 240 $py -m pytest -q -m gpu tests/test_gpu_kernels.py
+step tests-kernels 180 $py benchmarks/pytest_shards.py 4 -q -m gpu tests/test_gpu_kernels.py
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step memcheck-cuda 60 compute-sanitizer --tool memcheck --error-exitcode 9 $py benchmarks/attention_sanitize.py cuda
   step memcheck-cuda-rowwise 60 env FASTHESS_CUDA_ATTENTION_ROWWISE=1 \
     compute-sanitizer --tool memcheck --error-exitcode 9 $py benchmarks/attention_sanitize.py cuda
+  step memcheck-cuda-pointwise 45 compute-sanitizer --tool memcheck --error-exitcode 9 $py benchmarks/pointwise_sanitize.py
 else
   echo "memcheck-cuda skipped (no compute-sanitizer)" | tee -a "$out/summary.txt"
 fi
 step bench-kernels 150 $py benchmarks/kernels.py --device cuda --T 128,512,2048 --repeats 5 --out "$out"
+step bench-hvp 60 $py benchmarks/kernels.py --device cuda --ops attention_hvp --T 128,512,2048 --repeats 5 --out "$out/hvp"
 step bench-encoder 180 $py benchmarks/sampled_diag.py --device cuda --model encoder --preset paper --slow-samples 25 \
-  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-wide,fasthess-fwd_rev --out "$out"
+  --repeats 3 --methods gradient,naive,torch_func,fasthess,fasthess-unfused,fasthess-wide,fasthess-fwd_rev --out "$out"
 step bench-seq2seq 100 $py benchmarks/sampled_diag.py --device cuda --model seq2seq --preset paper --slow-samples 25 \
   --repeats 3 --methods gradient,naive,fasthess,fasthess-wide --out "$out"
 echo "total seconds=$((SECONDS - start))" | tee -a "$out/summary.txt"

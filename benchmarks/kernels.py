@@ -1,6 +1,8 @@
 """Kernel benchmark: each kernel family's backends against its torch reference, measured in the same run.
 
-Ops (``--ops``): ``attention`` (2-jet; reference: nested jvp on the math path), ``onehot`` (one-hot
+Ops (``--ops``): ``attention`` (2-jet; reference: nested jvp on the math path), ``attention_hvp``
+(tangent of the attention backward for N tangent sets (q1, k1, v1, dout1); reference: jvp of vjp
+on the math path; TFLOP/s counts 5 primal + 10 per-tangent products; not in the default ``--ops``), ``onehot`` (one-hot
 weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: dense seeds + einsum),
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
 regenerated from the seed; reference: torch regeneration + update), ``crossentropy`` (2-jet of
@@ -8,6 +10,8 @@ the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), 
 ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
+The Triton attention kernel has one row per precision of its float32 tile products
+(``triton-ieee``, ``triton-tf32x3``, ``triton-tf32``; see :mod:`fasthess.kernels.attention`).
 For attention, per sequence length T and backend: median seconds over repeats, tangents/s, GB/s (the
 inputs read and outputs written once, the least traffic possible), TFLOP/s (the
 algorithm's matrix products: 2 for the primal + 10 per tangent, each 2·B·H·Tq·Tk·D,
@@ -35,8 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fasthess.kernels import linear  # noqa: E402
-from fasthess.kernels.attention import attention_jet2, family  # noqa: E402
+from fasthess.kernels.attention import PRECISIONS, attention_jet2, family  # noqa: E402
 from fasthess.kernels.attention.reference import attention_jet2 as reference  # noqa: E402
+from fasthess.kernels.attention_hvp import attention_hvp  # noqa: E402
+from fasthess.kernels.attention_hvp import attention_hvp_reference  # noqa: E402
+from fasthess.kernels.attention_hvp import family as hvp_family  # noqa: E402
 from fasthess.kernels.hutchinson import hutchinson_update_  # noqa: E402
 
 
@@ -103,11 +110,28 @@ def attention_cases(a, t: int, h: int, n: int, dtype):
         cases["reference"] = lambda: reference(*x, causal=a.causal)
     for backend in family.backends:
         if backend in family.available() and a.device in family.devices.get(backend, (a.device,)):
-            cases[backend] = lambda backend=backend: attention_jet2(*x, causal=a.causal, backend=backend)
-    if "triton" in cases:  # tensor-core products (TF32): faster, ~1e-3 relative accuracy
-        from fasthess.kernels.attention.triton_kernels import attention_jet2_triton
+            if backend == "triton":  # one row per precision of its float32 tile products
+                for p in PRECISIONS:
+                    cases[f"triton-{p}"] = lambda p=p: attention_jet2(*x, causal=a.causal, backend="triton", precision=p)
+            else:
+                cases[backend] = lambda backend=backend: attention_jet2(*x, causal=a.causal, backend=backend)
+    return cases, flops, nbytes, n
 
-        cases["triton-tf32"] = lambda: attention_jet2_triton(*x, causal=a.causal, precision="tf32")
+
+def attention_hvp_cases(a, t: int, h: int, n: int, dtype):
+    """(backend -> callable, FLOPs, minimal bytes, tangents) of the attention HVP at length ``t``."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(a.B, h, t, a.D)] * 4 + [(n, a.B, h, t, a.D)] * 4
+    x = [torch.randn(s, generator=g).to(device=a.device, dtype=dtype) for s in shapes]
+    pairs = (t * t + t) / 2 if a.causal else t * t
+    flops = (5 + 10 * n) * 2 * a.B * h * pairs * a.D
+    nbytes = (4 + 4 * n + 3 + 3 * n) * a.B * h * t * a.D * x[0].element_size()
+    cases = {}
+    if t <= a.reference_max_T:
+        cases["reference"] = lambda: attention_hvp_reference(*x, causal=a.causal)
+    for backend in hvp_family.backends:
+        if backend in hvp_family.available() and a.device in hvp_family.devices.get(backend, (a.device,)):
+            cases[backend] = lambda backend=backend: attention_hvp(*x, causal=a.causal, backend=backend)
     return cases, flops, nbytes, n
 
 
@@ -194,7 +218,7 @@ def _pointwise_cases(a, t, h, n, dtype, family_, reference_fn, fn, affine: bool)
 
 
 CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_cases, "crossentropy": crossentropy_cases,
-         "layernorm": layernorm_cases, "gelu": gelu_cases}
+         "layernorm": layernorm_cases, "gelu": gelu_cases, "attention_hvp": attention_hvp_cases}  # the last: opt-in
 
 
 def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int, rows: list, extra: dict) -> None:
@@ -213,7 +237,7 @@ def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int,
         if backend == "reference":
             ref_time, ref_mem, ref_out = sec, peak, out
         elif ref_out is not None and isinstance(out, (tuple, torch.Tensor)):
-            # largest deviation from the reference output, relative to its largest entry, over (o, o1, o2)
+            # largest deviation from the reference output, relative to its largest entry, over all outputs
             outs, refs = (out, ref_out) if isinstance(out, tuple) else ((out,), (ref_out,))
             err = max(float((u.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-300))
                       for u, r in zip(outs, refs))

@@ -8,7 +8,10 @@ same layers, in the same run, each in its own process so peak memory is its own:
 * ``torch_func``: ``vmap(jvp(grad))`` over one-hot tangents, chunked;
 * ``curvlinops``: ``HessianLinearOperator`` (curvlinops-for-pytorch) applied to
   one-hot matrices, one column block per layer;
-* ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``.
+* ``fasthess[-ENGINE]``: ``fasthess.diag(..., method="sampled")``;
+  ``fasthess-unfused``: the tangent-adjoint engine with attention, layer norm and cross-entropy
+  as plain ops, not fused nodes (``fasthess.fused_nodes.disabled()``, the same as
+  ``FASTHESS_FUSED_NODES=0``); ``fasthess`` (default policy) / ``fasthess-unfused`` is their gain.
 
 Reported per method: seconds (median over repeats), entries/s, entries per
 gradient-time (the time of one forward+backward measured in the same process),
@@ -48,9 +51,12 @@ PRESETS = {
     # BERT-small-shaped encoder classifier (issue 3, model (i))
     ("encoder", "paper"): dict(hidden=512, layers=4, heads=8, ff=2048, seq=128, batch=32, samples=200),
     ("encoder", "quick"): dict(hidden=128, layers=2, heads=4, ff=512, seq=32, batch=8, samples=25),
+    # between the two: attention at T = 128, D = 64 as in the paper preset, on one CPU core in seconds
+    ("encoder", "medium"): dict(hidden=256, layers=2, heads=4, ff=1024, seq=128, batch=4, samples=10),
     # seq2seq Transformer of the translation tutorial (emb 512, 3+3 layers, ff 512)
     ("seq2seq", "paper"): dict(hidden=512, layers=3, heads=8, ff=512, seq=32, batch=128, samples=200),
     ("seq2seq", "quick"): dict(hidden=64, layers=2, heads=4, ff=128, seq=16, batch=16, samples=25),
+    ("seq2seq", "medium"): dict(hidden=256, layers=2, heads=4, ff=256, seq=32, batch=32, samples=10),
 }
 VOCAB = 1000
 
@@ -215,17 +221,22 @@ def run_curvlinops(model, loss, params, indices, chunk, logits=None, X=None, y=N
     return out
 
 
-def run_fasthess(engine: str, wide: bool = False):
-    """``fasthess.diag``; ``wide``: let the batched directions use half of free memory, not ~1 gradient's."""
+def run_fasthess(engine: str, wide: bool = False, fused: bool = True):
+    """``fasthess.diag``; ``wide``: let the batched directions use half of free memory, not ~1 gradient's;
+    ``fused=False``: attention and layer norm as plain ops in the tangent-adjoint engine."""
 
     def run(model, loss, params, indices, chunk, **_) -> dict[str, torch.Tensor]:
+        import contextlib
+
         import fasthess
+        from fasthess.fused_nodes import disabled
         from fasthess.objective import available_memory_bytes
 
         full = max(idx.numel() for idx in indices.values())
         device = next(iter(params.values())).device
         budget = available_memory_bytes(device) // 2 if wide else None
-        res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine, memory_budget=budget)
+        with contextlib.nullcontext() if fused else disabled():
+            res = fasthess.diag(model, loss, list(params), num_samples=full, engine=engine, memory_budget=budget)
         out = {}
         for name, idx in indices.items():  # a prefix of fasthess's own sample when --slow-samples applies
             assert torch.equal(res[name].indices[: idx.numel()].to(idx.device), idx)
@@ -258,6 +269,7 @@ METHODS = {
     "curvlinops": run_curvlinops,
     "fasthess": run_fasthess("auto"),
     "fasthess-wide": run_fasthess("auto", wide=True),
+    "fasthess-unfused": run_fasthess("auto", fused=False),
     "fasthess-fwd_fwd": run_fasthess("fwd_fwd"),
     "fasthess-fwd_rev": run_fasthess("fwd_rev"),
     "fasthess-double_backward": run_fasthess("double_backward"),
@@ -302,7 +314,7 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["encoder", "seq2seq"], default="encoder")
-    parser.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--preset", choices=["quick", "medium", "paper"], default="quick")
     parser.add_argument("--methods", default="gradient,naive,torch_func,curvlinops,fasthess,fasthess-fwd_rev")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=32, help="tangents per batched pass (torch_func, curvlinops)")
@@ -385,6 +397,11 @@ def main() -> None:
         print(f"{row['method']:>24} {row['seconds']:8.2f} {row['entries']:7d} {row['entries_per_s']:10.2f} "
               f"{row['entries_per_gradient_time']:13.2f} {fmt(row['speedup_vs_naive'], '.2f'):>9} {row['peak_mib']:9.0f} "
               f"{fmt(row['peak_vs_gradient'], '.2f'):>7} {fmt(row['max_rel_dev_from_naive'], '.1e'):>9}")
+    by = {r["method"]: r for r in rows if "error" not in r}
+    if "fasthess" in by and "fasthess-unfused" in by:
+        f, u = by["fasthess"], by["fasthess-unfused"]
+        print(f"\nfused nodes (default policy) / off: {f['entries_per_s'] / u['entries_per_s']:.2f}x entries/s, "
+              f"peak memory {f['peak_mib']:.0f} / {u['peak_mib']:.0f} MiB")
     _plot(rows, stem.with_suffix(".png"), meta)
     print(f"\nwrote {stem}.json/.csv/.png")
 

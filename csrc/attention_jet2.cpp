@@ -11,10 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_softmax.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+
+#include "jet2_checks.h"
 
 namespace fasthess {
 namespace {
@@ -47,52 +51,16 @@ void softmax_jet_rows(const scalar_t* p, scalar_t* s1, scalar_t* s2, int64_t row
   }
 }
 
-// In place: s (rows × cols, query rows start at row0) -> masked softmax P; an empty row becomes 0.
-template <typename scalar_t>
-void masked_softmax_rows(scalar_t* s, int64_t rows, int64_t cols, int64_t row0, bool causal, const bool* keep) {
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* r = s + i * cols;
-    const int64_t last = causal ? std::min<int64_t>(cols, row0 + i + 1) : cols;  // keys [0, last) may be visible
-    scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-    for (int64_t j = 0; j < last; ++j)
-      if (keep == nullptr || keep[j]) mx = std::max(mx, r[j]);
-    if (mx == -std::numeric_limits<scalar_t>::infinity()) {
-      std::fill(r, r + cols, scalar_t(0));
-      continue;
-    }
-    scalar_t sum = 0;
-    for (int64_t j = 0; j < cols; ++j) {
-      const bool vis = j < last && (keep == nullptr || keep[j]);
-      r[j] = vis ? std::exp(r[j] - mx) : scalar_t(0);
-      sum += r[j];
-    }
-    const scalar_t inv = scalar_t(1) / sum;
-    for (int64_t j = 0; j < cols; ++j) r[j] *= inv;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q1, const at::Tensor& k1,
     const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
     const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "k and v must be (B, H, Tk, D) with the B, H, D of q");
-  const int64_t n = q1.size(0);
-  for (const auto* t : {&q1, &q2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
-                "q1, q2 must be (N, *q.shape)");
-  for (const auto* t : {&k1, &v1, &k2, &v2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(),
-                "k1, v1, k2, v2 must be (N, *k.shape)");
-  for (const auto* t : {&k, &v, &q1, &k1, &v1, &q2, &k2, &v2})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
+  check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
+  at::NoGradGuard no_grad;  // a 2-jet is not differentiated, and mm_out refuses inputs that require grad
   const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2), BH = B * H;
+  const int64_t n = q1.size(0);
   at::Tensor keep;
-  if (keep_opt.has_value()) {
-    keep = keep_opt->to(at::kBool).contiguous();
-    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == TK, "keep must be (B, Tk) bool");
-  }
+  if (keep_opt.has_value()) keep = keep_opt->to(at::kBool).contiguous();
   auto q3 = q.contiguous().view({BH, TQ, D});
   auto k3 = k.contiguous().view({BH, TK, D});
   auto v3 = v.contiguous().view({BH, TK, D});

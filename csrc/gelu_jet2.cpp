@@ -11,8 +11,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 #include <tuple>
+
+#include "jet2_checks.h"
 
 namespace fasthess {
 namespace {
@@ -36,13 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_derivatives(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_jet2_cpu(const at::Tensor& x, const at::Tensor& x1,
                                                              const at::Tensor& x2, c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-              std::string(approximate), "'");
-  TORCH_CHECK(x1.dim() == x.dim() + 1 && x1.sizes().slice(1) == x.sizes() && x2.sizes() == x1.sizes(),
-              "x1 and x2 must be (N, *x.shape)");
-  TORCH_CHECK(x1.scalar_type() == x.scalar_type() && x2.scalar_type() == x.scalar_type(),
-              "x, x1, x2 must share one dtype");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  check_gelu_jet2_inputs(x, x1, x2, approximate);
   const int64_t M = x.numel(), N = x1.size(0);
   // half/bfloat16: derivatives and products in float
   const auto math_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

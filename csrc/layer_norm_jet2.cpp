@@ -14,14 +14,13 @@
 #include <tuple>
 #include <vector>
 
+#include "jet2_checks.h"
+
 namespace fasthess {
 namespace {
 
-std::vector<double> affine_or(const std::optional<at::Tensor>& t, int64_t d, double fill, const at::Tensor& x,
-                              const char* name) {
+std::vector<double> affine_or(const std::optional<at::Tensor>& t, int64_t d, double fill) {
   if (!t.has_value()) return std::vector<double>(d, fill);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == d, name, " must be (D,) with D = x.shape[-1] = ", d);
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), name, " must have x's dtype");
   auto c = t->to(at::kDouble).contiguous();
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + d);
 }
@@ -31,13 +30,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_jet2_cpu(const at::Ten
                                                                    const std::optional<at::Tensor>& bias,
                                                                    const at::Tensor& x1, const at::Tensor& x2,
                                                                    double eps) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be (..., D) with D > 0");
-  TORCH_CHECK(x1.dim() == x.dim() + 1 && x1.sizes().slice(1) == x.sizes() && x2.sizes() == x1.sizes(),
-              "x1 and x2 must be (N, *x.shape)");
-  TORCH_CHECK(x1.scalar_type() == x.scalar_type() && x2.scalar_type() == x.scalar_type(),
-              "x, x1, x2 must share one dtype");
+  check_layer_norm_jet2_inputs(x, weight, bias, x1, x2);
   const int64_t D = x.size(-1), R = x.numel() / D, N = x1.size(0);
-  const std::vector<double> w = affine_or(weight, D, 1.0, x, "weight"), b = affine_or(bias, D, 0.0, x, "bias");
+  const std::vector<double> w = affine_or(weight, D, 1.0), b = affine_or(bias, D, 0.0);
   auto xc = x.contiguous(), x1c = x1.contiguous(), x2c = x2.contiguous();
   auto y = at::empty_like(xc), y1 = at::empty_like(x1c), y2 = at::empty_like(x1c);
   if (R == 0) return {y, y1, y2};

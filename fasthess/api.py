@@ -118,7 +118,8 @@ def diag(
         on_nonfinite: ``"raise"`` on NaN/Inf entries, or ``"keep"`` them (recorded
             in ``meta["nonfinite"]``).
         backend: kernel backend (``"auto"``, ``"cpp"``, ``"torch"``): of the Hutchinson
-            accumulation, and of the one-hot weight tangents of sampled/exact entries.
+            accumulation, and for sampled/exact entries of the one-hot weight tangents and
+            the fused attention / layer-norm / cross-entropy 2-jets (tangent-adjoint engine).
         progress: print one line per layer / probe chunk to stderr.
         process_group: a ``torch.distributed`` process group (or ``"world"``) to
             share the work between its ranks; every rank passes the same
@@ -204,7 +205,7 @@ def diag(
                 )
                 used_backend = extra.pop("backend")
             else:
-                with use_backend(backend):  # the engines' kernels (one-hot weight tangents)
+                with use_backend(backend):  # the engines' kernels (one-hot weight tangents, fused nodes)
                     used_backend = onehot_family.select(
                         preferred_backend(onehot_family.name, onehot_family.backends), device.type
                     )[0]

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import fused_nodes
 
 __all__ = ["CaptureError", "Graph", "Node", "Ref", "capture"]
 
@@ -159,12 +162,15 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def capture(f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor]) -> Graph:
+def capture(f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor], fused: bool = False) -> Graph:
     """Record ``f(params)`` (a scalar) as a :class:`Graph` of the ops that depend on ``params``.
 
     Args:
         f: function of the list of parameter tensors returning a scalar tensor.
         params: the point; each becomes a placeholder.
+        fused: let the decompositions of :func:`fasthess.autodiff_safe` record attention,
+            layer norm and cross-entropy as single nodes (:mod:`fasthess.fused_nodes`); only
+            for an engine with rules for them.
 
     Raises:
         CaptureError: the loss updates a dependent tensor in place, draws random
@@ -176,7 +182,8 @@ def capture(f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor]) -
         params = [p.clone() for p in params]
     with torch.no_grad():
         rec = _Recorder(params)
-        with rec:
+        fusing = fused_nodes.recording(lambda t: rec._lookup(t) is not None) if fused else contextlib.nullcontext()
+        with fusing, rec:
             loss = f(params)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise CaptureError("the loss is not a scalar tensor")

@@ -19,6 +19,11 @@ modules, ``F.multi_head_attention_forward`` and HF ``transformers`` look them up
 at call time. Code that bound one of these functions to a local name before the
 block starts keeps the original; the dense-Hessian tests exist to catch that.
 
+While the tangent-adjoint engine records a loss (:mod:`fasthess.fused_nodes`), layer norm
+over the last dim, the attention cases the 2-jet kernels take and plain ``F.cross_entropy``
+(otherwise passed through unchanged) become single custom ops instead, so that engine can
+run the fused kernels on them.
+
 The same hook refuses functional dropout that is active (``training=True``,
 ``p > 0``), since it would make the loss a random function.
 """
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import TrainingModeError
+from .fused_nodes import try_attention, try_cross_entropy, try_layer_norm
 
 __all__ = ["autodiff_safe", "layer_norm", "scaled_dot_product_attention"]
 
@@ -55,6 +61,9 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Decomposed ``F.layer_norm`` (same signature, correct derivatives of any order)."""
+    fused = try_layer_norm(input, tuple(normalized_shape), weight, bias, eps)
+    if fused is not None:
+        return fused
     n = len(normalized_shape)
     out = _normalize(input, range(input.dim() - n, input.dim()), eps)
     if weight is not None:
@@ -149,6 +158,17 @@ def scaled_dot_product_attention(
             f"scaled_dot_product_attention was called with dropout_p={dropout_p}: the loss "
             "would be random. Call model.eval() before measuring curvature."
         )
+    fused = try_attention(query, key, value, attn_mask, is_causal, scale)
+    if fused is not None:
+        return fused
+    if attn_mask is None and not enable_gqa and query.dim() == 4:
+        from .kernels.attention_hvp import forward_over_reverse as fwd_rev
+
+        if fwd_rev.routes(query) and key.shape == value.shape and key.shape[:2] == query.shape[:2] \
+                and key.shape[-1] == query.shape[-1]:
+            # inside the fwd_rev engine: the backward's tangent is the attention HVP kernel
+            scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+            return fwd_rev.attention(query, key, value, causal=is_causal, scale=scale)
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)
@@ -213,6 +233,17 @@ class _Patcher:
 
         return guarded
 
+    @staticmethod
+    def _cross_entropy() -> Any:
+        """``F.cross_entropy`` unchanged, except that it is one fused node while the tangent-adjoint engine records."""
+        original = F.cross_entropy
+
+        def cross_entropy(input: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            fused = try_cross_entropy(input, target, *args, **kwargs)
+            return fused if fused is not None else original(input, target, *args, **kwargs)
+
+        return cross_entropy
+
     def replacements(self) -> dict[str, Any]:
         return {
             "layer_norm": layer_norm,
@@ -221,6 +252,7 @@ class _Patcher:
             "group_norm": group_norm,
             "scaled_dot_product_attention": scaled_dot_product_attention,
             "mse_loss": mse_loss,
+            "cross_entropy": self._cross_entropy(),
             "dropout": self._dropout_guard("dropout"),
             "dropout1d": self._dropout_guard("dropout1d"),
             "dropout2d": self._dropout_guard("dropout2d"),

@@ -25,3 +25,15 @@ def padding(b: int, tk: int, device: str = "cpu") -> torch.Tensor:
 
 
 MASKS = [(False, False), (True, False), (False, True), (True, True)]  # (causal, padding)
+
+
+# attention HVP: the shapes above plus more queries than keys (causal rows past Tk see every key)
+HVP_SHAPES = SHAPES + [(2, 2, 11, 5, 4, 2)]
+
+
+def hvp_inputs(b: int, h: int, tq: int, tk: int, d: int, n: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    """Primal q, k, v, dout and the tangents q1, k1, v1, dout1 of the attention HVP, drawn in float64 then cast."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, h, tq, d), (b, h, tk, d), (b, h, tk, d), (b, h, tq, d)]
+    shapes += [(n, *s) for s in shapes]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]

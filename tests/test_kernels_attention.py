@@ -1,6 +1,8 @@
 """Attention 2-jet kernels: the reference against independent float64 checks, every CPU backend
-against the reference, the Triton kernel under TRITON_INTERPRET=1 and compiled to PTX for sm_90,
-the CUDA sources compiled with nvcc for sm_80/sm_90, opcheck of the C++ op."""
+against the reference, the Triton kernel under TRITON_INTERPRET=1 (also with the tensor cores' TF32
+rounding emulated, for its float32 precisions) and compiled to PTX for sm_90, every CUDA source
+(csrc/cuda/*.cu) compiled with nvcc for sm_80/sm_90 and their torch glue against the torch headers,
+opcheck of the C++ op."""
 
 from __future__ import annotations
 
@@ -116,6 +118,15 @@ def test_cpp_opcheck() -> None:
 
 
 @needs_ext
+def test_cpp_takes_inputs_that_require_grad() -> None:
+    """Called with autograd on (a user's parameters): the values, not an out= error from inside the op."""
+    x = inputs(1, 2, 9, 9, 4, 2, torch.float64)
+    want = attention_jet2(*x, causal=True, backend="torch")
+    got = attention_jet2(*[t.clone().requires_grad_(True) for t in x], causal=True, backend="cpp")
+    _close([t.detach() for t in got], want, torch.float64, "cpp with requires_grad inputs")
+
+
+@needs_ext
 def test_cpp_rejects_bad_shapes() -> None:
     x = inputs(1, 1, 4, 4, 4, 2, torch.float64)
     x[3] = x[3][:1]
@@ -135,6 +146,11 @@ def test_wrapper_errors_and_backend_selection() -> None:
     if extension_loaded():
         with pytest.raises(TypeError, match="takes"):
             select_backend("cpp", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        attention_jet2(*x, precision="fp32")
+    for precision in ("ieee", "tf32x3", "tf32"):  # CPU backends are exact at every precision setting
+        got = attention_jet2(*x, causal=True, precision=precision)
+        _close(got, reference(*x, causal=True), torch.float64, precision)
 
 
 _INTERPRET_SCRIPT = textwrap.dedent(
@@ -171,7 +187,83 @@ def test_triton_kernel_under_interpreter() -> None:
     assert res.stdout.count("ok") == len(cases)
 
 
-def test_triton_kernel_compiles_to_ptx_for_sm90() -> None:
+_EMULATED_PRECISION_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    sys.path.insert(0, {tests!r})
+    import torch
+    import tensor_core_emulation
+    tensor_core_emulation.install()
+    from attention_cases import inputs, padding
+    from fasthess.kernels.attention.reference import attention_jet2 as reference
+    from fasthess.kernels.attention.triton_kernels import attention_jet2_triton
+    out = []
+    for shape, causal, padded in {cases!r}:
+        x = inputs(*shape, torch.float32)
+        pad = padding(shape[0], shape[3]) if padded else None
+        want = reference(*inputs(*shape, torch.float64), causal=causal, key_padding_mask=pad)
+        for precision in ("ieee", "tf32x3", "tf32"):
+            got = attention_jet2_triton(*x, causal=causal, key_padding_mask=pad, precision=precision)
+            for name, a, b in zip(("o", "o1", "o2"), got, want):
+                out.append(dict(shape=shape, precision=precision, name=name, got=a.double().tolist(), want=b.tolist()))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_triton_precisions_under_emulated_tensor_cores() -> None:
+    """The interpreter's ``tl.dot`` is exact at every ``input_precision``; with the tensor cores' TF32
+    rounding emulated (tests/tensor_core_emulation.py), ``"tf32x3"`` must meet the float32 tolerance and
+    stay near ``"ieee"``, while ``"tf32"`` must miss it (which shows the precision reaches every product)."""
+    pytest.importorskip("triton")
+    import json
+
+    from tolerances import ATTENTION_JET2_TF32_VS_REFERENCE, ATTENTION_TF32X3_VS_IEEE_ERROR
+
+    cases = [((2, 2, 7, 7, 5, 2), True, True), ((1, 2, 64, 64, 64, 1), True, False)]
+    script = _EMULATED_PRECISION_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rtol, atol = ATTENTION_JET2_VS_REFERENCE[torch.float32]
+    worst: dict[tuple, float] = {}  # (shape, precision) -> largest |error| over o, o1, o2
+    meets_fp32: dict[tuple, bool] = {}  # (shape, precision) -> all of o, o1, o2 within the float32 tolerance
+    for r in json.loads(res.stdout.splitlines()[-1]):
+        got, want = torch.tensor(r["got"]), torch.tensor(r["want"])
+        key = (tuple(r["shape"]), r["precision"])
+        worst[key] = max(worst.get(key, 0.0), float((got - want).abs().max()))
+        meets_fp32[key] = meets_fp32.get(key, True) and torch.allclose(got, want, rtol=rtol, atol=atol)
+        if r["precision"] == "tf32":
+            torch.testing.assert_close(got, want, rtol=ATTENTION_JET2_TF32_VS_REFERENCE[0],
+                                       atol=ATTENTION_JET2_TF32_VS_REFERENCE[1], msg=lambda m: f"tf32 {key}: {m}")
+    for shape in {shape for shape, _ in worst}:
+        assert meets_fp32[shape, "ieee"] and meets_fp32[shape, "tf32x3"], (shape, worst)
+        assert not meets_fp32[shape, "tf32"], (shape, worst)  # one TF32 product: visibly less accurate
+        assert worst[shape, "tf32x3"] <= ATTENTION_TF32X3_VS_IEEE_ERROR * worst[shape, "ieee"], (shape, worst)
+
+
+def test_tensor_core_emulation_splits_float32_into_tf32_parts() -> None:
+    """The hi/lo split behind "tf32x3": a_hi + a_lo == a exactly, a_hi has a 10-bit mantissa, and three
+    TF32 products recover a float32-accurate product where one TF32 product keeps ~3 digits."""
+    import numpy as np
+    from tensor_core_emulation import tf32_dot, tf32_round, tf32x3_dot
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((64, 96)).astype(np.float32), rng.standard_normal((96, 48)).astype(np.float32)
+    hi = tf32_round(a)
+    assert np.array_equal(hi + (a - hi), a) and not np.array_equal(hi, a)
+    assert not (hi.view(np.uint32) & np.uint32(0x1FFF)).any()  # low 13 mantissa bits clear
+    assert np.abs(hi - a).max() <= 2.0**-11 * np.abs(a).max()  # rounded to nearest: half a TF32 ulp
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(exact).max()
+    err1, err3 = (float(np.abs(f(a, b) - exact).max() / scale) for f in (tf32_dot, tf32x3_dot))
+    err_fp32 = float(np.abs(a @ b - exact).max() / scale)
+    assert err1 > 1e-4 and err3 < 4 * err_fp32 + 1e-7, (err1, err3, err_fp32)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_triton_kernel_compiles_to_ptx_for_sm90(precision: str) -> None:
     triton = pytest.importorskip("triton")
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -180,7 +272,7 @@ def test_triton_kernel_compiles_to_ptx_for_sm90() -> None:
     from fasthess.kernels.attention.triton_kernels import _attention_jet2_kernel as kernel, launch_config
 
     bm, bn, bd, warps, stages = launch_config(64)
-    const = dict(CAUSAL=True, HAS_KEEP=True, ACC=tl.float32, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    const = dict(CAUSAL=True, HAS_KEEP=True, ACC=tl.float32, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     names = kernel.arg_names
     sig = {name: "*fp32" for name in names[:13]} | {"KEEP": "*i8", "scale": "fp32"}
     sig |= {name: "i32" for name in ("H", "BH", "TQ", "TK", "D")} | {c: "constexpr" for c in const}
@@ -189,6 +281,8 @@ def test_triton_kernel_compiles_to_ptx_for_sm90() -> None:
     ptx = out.asm["ptx"]
     assert ".target sm_90" in ptx and ".entry _attention_jet2_kernel" in ptx
     assert out.metadata.shared <= 227 * 1024  # fits the H100/H200 shared memory per block
+    if precision == "tf32x3":  # tensor-core MMAs (Hopper wgmma) on operands split by cvt.rna.tf32
+        assert "wgmma.mma_async" in ptx and "cvt.rna.tf32.f32" in ptx
 
 
 CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -227,8 +321,11 @@ def test_cuda_glue_compiles_against_torch_headers(tmp_path) -> None:
     top = next((line.split("=", 1)[1].strip() for line in (res.stdout + res.stderr).splitlines()
                 if "TOP=" in line), os.path.dirname(os.path.dirname(nvcc)))
     cuda_include = os.path.join(top, "include")
-    for glue in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))):
-        cmd = ["g++", "-fsyntax-only", "-std=c++17", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
-               f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}", glue]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-4000:]
+    # every glue file in one translation unit: the torch headers are parsed once
+    glue = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    assert len(glue) >= 3  # attention, layer norm, GELU
+    (tmp_path / "all_glue.cpp").write_text("".join(f'#include "{g}"\n' for g in glue))
+    cmd = ["g++", "-fsyntax-only", "-std=c++17", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
+           f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "all_glue.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]

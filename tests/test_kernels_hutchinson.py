@@ -86,6 +86,18 @@ def test_registry_auto_falls_back_and_explicit_raises() -> None:
     assert "torch" in family.available()
 
 
+def test_registry_dtypes_and_exclude() -> None:
+    fam = KernelFamily("demo")
+    fam.register("fast", available=lambda: True, dtypes=(torch.float32,))(lambda: "fast")
+    fam.register("torch", available=lambda: True)(lambda: "torch")
+    assert fam.select("auto", dtype=torch.float32)[0] == "fast"
+    assert fam.select("auto", dtype=torch.float64)[0] == "torch"  # auto passes over a backend for other dtypes
+    assert fam.select("auto", dtype=torch.float32, exclude=("fast",))[0] == "torch"
+    assert fam.select("fast", dtype=torch.float32, exclude=("fast",))[0] == "fast"  # explicit wins
+    with pytest.raises(TypeError, match="takes"):
+        fam.select("fast", dtype=torch.float64)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_backends_give_the_same_diag_end_to_end(backend: str) -> None:
     import fasthess

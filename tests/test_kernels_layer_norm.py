@@ -98,8 +98,9 @@ def test_wrapper_errors_and_backend_selection() -> None:
         layer_norm_jet2(x, w, b[:2], x1, x2)
     with pytest.raises(ValueError, match="dtype"):
         layer_norm_jet2(x, w.float(), b, x1, x2)
-    with pytest.raises(BackendUnavailableError):
-        layer_norm_jet2(x, w, b, x1, x2, backend="triton")  # no GPU here, or CPU tensors
+    for backend in ("triton", "cuda"):  # no GPU here, or CPU tensors
+        with pytest.raises(BackendUnavailableError):
+            layer_norm_jet2(x, w, b, x1, x2, backend=backend)
     assert family.select("auto", "cpu")[0] == ("cpp" if "cpp" in family.available() else "torch")
 
 

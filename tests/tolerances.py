@@ -62,6 +62,13 @@ ATTENTION_JET2_VS_REFERENCE = {
     torch.float64: (1e-10, 1e-11),
     torch.float32: (2e-4, 2e-4),
 }
+# Triton attention at precision="tf32x3" (each float32 product as three TF32 tensor-core products) is held
+# to the float32 tolerance above, and its largest error to at most this multiple of precision="ieee"'s
+# on the same inputs (CPU emulation of the tensor-core rounding, tests/tensor_core_emulation.py: up to 2.3x).
+ATTENTION_TF32X3_VS_IEEE_ERROR = 4.0
+# precision="tf32" (one TF32 product, 10-bit mantissa): (rtol, atol). Largest errors are 1.5-5e-3 of the
+# largest entry (emulated; H200 benchmark 2.1-4.6e-3), 50x the float32 tolerance at worst.
+ATTENTION_JET2_TF32_VS_REFERENCE = (3e-2, 3e-2)
 # Reference 2-jet against a central second difference of o(t) in float64 (step 1e-3: error ~1e-6).
 ATTENTION_FINITE_DIFFERENCE = (1e-4, 1e-5)
 
@@ -103,3 +110,15 @@ POINTWISE_JET2_VS_REFERENCE = {
 # and against a central second difference (step 1e-3: error ~1e-6).
 POINTWISE_JET2_VS_DENSE = (1e-9, 1e-11)
 POINTWISE_FINITE_DIFFERENCE = (1e-4, 1e-5)
+
+# Attention HVP kernels (dq, dk, dv and their tangents) against the jvp-of-vjp reference: dtype -> (rtol, atol).
+# float32/bfloat16 inputs are the float64 inputs rounded; the reference runs on the float64 ones.
+ATTENTION_HVP_VS_REFERENCE = {
+    torch.float64: (1e-10, 1e-11),
+    torch.float32: (2e-4, 2e-4),
+    torch.bfloat16: (5e-2, 1e-1),
+}
+# The float64 reference against the dense reverse-over-reverse Hessian (round-off only), and against a
+# central difference of the backward (step 1e-4: truncation ~1e-8).
+ATTENTION_HVP_VS_DENSE = (1e-9, 1e-11)
+ATTENTION_HVP_FINITE_DIFFERENCE = (1e-6, 1e-7)

@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "../jet2_checks.h"
 #include "attention_jet2.h"
 
 namespace fasthess {
@@ -15,31 +16,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q1, const at::Tensor& k1,
     const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
     const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "k and v must be (B, H, Tk, D) with the B, H, D of q");
+  check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
   const int64_t n = q1.size(0);
-  for (const auto* t : {&q1, &q2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
-                "q1, q2 must be (N, *q.shape)");
-  for (const auto* t : {&k1, &v1, &k2, &v2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(),
-                "k1, v1, k2, v2 must be (N, *k.shape)");
-  for (const auto* t : {&k, &v, &q1, &k1, &v1, &q2, &k2, &v2}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
-    TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device");
-  }
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "the CUDA attention_jet2 kernel takes float32 or float64");
   TORCH_CHECK(q.size(3) <= 256, "head dim must be <= 256");
-  TORCH_CHECK(q1.size(0) >= 1, "attention_jet2 needs at least one tangent pair (N >= 1)");
+  TORCH_CHECK(n >= 1, "attention_jet2 needs at least one tangent pair (N >= 1)");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2);
   at::Tensor keep;
-  if (keep_opt.has_value()) {
-    keep = keep_opt->to(q.device(), at::kByte).contiguous();
-    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == TK, "keep must be (B, Tk)");
-  }
+  if (keep_opt.has_value()) keep = keep_opt->to(q.device(), at::kByte).contiguous();
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto q1c = q1.contiguous(), k1c = k1.contiguous(), v1c = v1.contiguous();
   auto q2c = q2.contiguous(), k2c = k2.contiguous(), v2c = v2.contiguous();

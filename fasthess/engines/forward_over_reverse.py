@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from ..kernels.attention_hvp.forward_over_reverse import route as attention_route
 from .base import Engine, MultiFn, ScalarFn, chunks, one_hot_tangents
 
 
@@ -46,5 +47,6 @@ class ForwardOverReverseEngine(Engine):
         def product(*ts: Tensor) -> tuple[Tensor, ...]:
             return jvp(g, tuple(primals), ts)[1]
 
-        parts = [vmap(product)(*(t[sl] for t in tangents)) for sl in chunks(tangents[0].shape[0], chunk_size)]
+        with attention_route():  # attention's backward gets its tangent from the attention HVP kernel
+            parts = [vmap(product)(*(t[sl] for t in tangents)) for sl in chunks(tangents[0].shape[0], chunk_size)]
         return tuple(torch.cat(blocks) for blocks in zip(*parts))

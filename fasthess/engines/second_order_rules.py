@@ -13,6 +13,11 @@ tangent of a 2-jet is linear in the first-order one, so it can be transposed
 onto the adjoints of one shared backward pass). Ops without a hand-written rule
 use ``torch.func.jvp`` on that op alone: nested for the second-order term.
 
+The fused nodes of :mod:`fasthess.fused_nodes` (attention, layer norm, cross-entropy)
+have rules that call the 2-jet kernel families (backend from ``diag(..., backend=)``)
+with zero second-order input tangents: the kernel's first-order output is the output
+tangent and ``⟨λ, second-order output⟩`` the contribution.
+
 A tangent is either a dense ``(K, *shape)`` tensor or a :class:`OneHot` seed
 (a single 1 per direction, as for sampled coordinates), which view ops move and
 matrix products turn into a scattered copy of one input column without a matmul.
@@ -29,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm,cross_entropy}_fused
 from ..capture import Node
 
 aten = torch.ops.aten
@@ -551,6 +557,87 @@ def log_softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: l
     return [t - mean], contribution
 
 
+# ----------------------------------------------------------------------------- fused nodes (fasthess.fused_nodes)
+
+
+def _zeros_like_batched(x: Tensor, k: int) -> Tensor:
+    return x.new_zeros((k, *x.shape))
+
+
+def attention_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
+    """``fasthess::attention_fused``: the attention 2-jet kernel with second-order input tangents 0.
+
+    Then ``o2 = f''[ẋ, ẋ]``, so the contribution is ``⟨λ, o2⟩`` per direction; inputs that do
+    not depend on the layer get zero tangents (the kernels take all three).
+    """
+    from ..kernels.attention import attention_jet2, family
+    from ..kernels.registry import preferred_backend
+
+    (q, k, v, mask, causal, scale), _ = tree_unflatten(list(primal), node.spec)
+    (tq, tk, tv, *_), _ = tree_unflatten([_densify(t) for t in tans], node.spec)
+    n = next(t.shape[0] for t in (tq, tk, tv) if t is not None)
+    zq, zk = _zeros_like_batched(q, n), _zeros_like_batched(k, n)  # second-order tangents (zk serves k and v)
+    tq = zq if tq is None else tq
+    tk = zk if tk is None else tk
+    tv = zk if tv is None else tv
+    backend = preferred_backend(family.name, family.backends)
+    _, o1, o2 = attention_jet2(
+        q, k, v, tq, tk, tv, zq, zk, zk, causal=causal, key_padding_mask=mask, scale=scale, backend=backend
+    )
+    return [o1], (_k_sum(o2.mul_(lams[0])) if lams[0] is not None else None)
+
+
+def layer_norm_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
+    """``fasthess::layer_norm_fused``: the layer-norm 2-jet kernel for the input tangent, weight/bias by hand.
+
+    With ``x̂ = LN(x)`` (no affine), ``y = x̂ ⊙ w + b``: ``ẏ = ẋ̂ ⊙ w + x̂ ⊙ ẇ + ḃ`` and
+    ``ÿ = ẍ̂ ⊙ w + 2 ẋ̂ ⊙ ẇ`` (b and w enter linearly), where the kernel gives ``ẋ̂`` and ``ẍ̂``.
+    """
+    from ..kernels.layer_norm import family, layer_norm_jet2
+    from ..kernels.registry import preferred_backend
+
+    (x, w, b, eps), _ = tree_unflatten(list(primal), node.spec)
+    (tx, tw, tb, _), _ = tree_unflatten([_densify(t) for t in tans], node.spec)
+    ndim = x.dim()
+    tw = _align(tw, ndim) if tw is not None else None
+    out, second = None, None
+    if tx is not None:
+        backend = preferred_backend(family.name, family.backends)
+        # weight folded into the kernel unless it carries a tangent itself
+        xh, out, second = layer_norm_jet2(x, w if tw is None else None, None, tx, torch.zeros_like(tx), eps, backend)
+        if tw is not None:
+            second = second * w + 2 * out * tw
+            out = out * w + xh * tw
+    elif tw is not None:
+        if "xh" not in node.cache:
+            c = x - x.mean(-1, keepdim=True)
+            node.cache["xh"] = c * torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
+        out = node.cache["xh"] * tw
+    if tb is not None:
+        tb = _align(tb, ndim)
+        out = tb.expand(tb.shape[0], *x.shape) if out is None else out + tb
+    contribution = _k_sum(second.mul_(lams[0])) if second is not None and lams[0] is not None else None
+    return [out], contribution
+
+
+def cross_entropy_fused_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
+    """``fasthess::cross_entropy_fused``: the cross-entropy 2-jet kernel, second-order logit tangents 0."""
+    from ..kernels.loss import cross_entropy_jet2, family
+    from ..kernels.registry import preferred_backend
+
+    (z, y, ignore_index), _ = tree_unflatten(list(primal), node.spec)
+    tz = _densify(tans[0])
+    backend = preferred_backend(family.name, family.backends)
+    _, l1, l2 = cross_entropy_jet2(z, y, tz, torch.zeros_like(tz), ignore_index, backend)
+    return [l1], (l2 * lams[0] if lams[0] is not None else None)
+
+
 # ----------------------------------------------------------------------------- table
 
 Rule = Callable[[Node, list, list, list], RuleResult]
@@ -604,6 +691,9 @@ RULES[aten.div.Tensor] = div_rule
 RULES[aten._softmax.default] = softmax_rule
 RULES[aten._log_softmax.default] = log_softmax_rule
 RULES[aten.detach.default] = detach_rule
+RULES[torch.ops.fasthess.attention_fused.default] = attention_fused_rule
+RULES[torch.ops.fasthess.layer_norm_fused.default] = layer_norm_fused_rule
+RULES[torch.ops.fasthess.cross_entropy_fused.default] = cross_entropy_fused_rule
 
 # Ops whose rules never produce a second-order term (no adjoint needed).
 LINEAR_OPS = {op for op, r in RULES.items() if r in (view_rule, unary_linear_rule, add_sub_rule, zero_fill_rule,

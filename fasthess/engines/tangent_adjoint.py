@@ -19,6 +19,11 @@ So the engine
    *downstream* of that layer only, with a first-order tangent per direction,
    adding each op's local second-order term (:mod:`.second_order_rules`).
 
+Attention (the cases the 2-jet kernels take), layer norm over the last dim and
+cross-entropy are recorded as single nodes (:mod:`fasthess.fused_nodes`, which also
+says when attention is left as plain ops) whose rules run the 2-jet kernels
+(``diag(..., backend=)`` picks the backend): no ``(K, B, H, T, T)`` tangent is
+materialised by the blocked kernels, and each node keeps one adjoint.
 A sampled entry of a linear weight enters as a copy of one input column (no
 matmul), the upstream part of the network is never revisited, and no backward
 pass runs per entry: a generic forward-over-reverse HVP costs about three times
@@ -41,6 +46,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import fused_nodes
 from ..capture import Graph, Ref, capture
 from ..objective import LossCheck
 from .base import Engine, ScalarFn
@@ -123,7 +129,7 @@ class TangentAdjointEngine(Engine):
         Raises:
             fasthess.capture.CaptureError: the loss cannot be recorded (callers fall back).
         """
-        graph = capture(f, params)
+        graph = capture(f, params, fused=fused_nodes.enabled())
         values, adjoints = _primal_and_adjoints(graph, params)
         out = []
         # No autograd in the tangent passes: constants such as unselected parameters

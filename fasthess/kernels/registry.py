@@ -67,26 +67,42 @@ def op_available(name: str) -> bool:
     return extension_loaded() and hasattr(torch.ops.fasthess, name)
 
 
+def cuda_op_available(name: str) -> bool:
+    """A CUDA device exists and the extension registered a CUDA kernel of ``torch.ops.fasthess.<name>``.
+
+    Only a build against a CUDA torch with nvcc compiles ``csrc/cuda`` (see ``setup.py``).
+    """
+    return (op_available(name) and torch.cuda.is_available()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"fasthess::{name}", "CUDA"))
+
+
 @dataclass
 class KernelFamily:
     """Implementations of one op by backend, in order of preference for ``"auto"``.
 
     Each entry maps a backend name to ``(is_available, implementation)``; a backend
-    registered with ``devices`` runs only on tensors of those device types (``"auto"``
-    skips it elsewhere, an explicit request raises).
+    registered with ``devices`` runs only on tensors of those device types, one registered
+    with ``dtypes`` only on those dtypes (``"auto"`` skips it elsewhere, an explicit request raises).
     """
 
     name: str
     backends: dict[str, tuple[Callable[[], bool], Callable[..., Any]]] = field(default_factory=dict)
     devices: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
     def register(
-        self, backend: str, available: Callable[[], bool], devices: tuple[str, ...] | None = None
+        self,
+        backend: str,
+        available: Callable[[], bool],
+        devices: tuple[str, ...] | None = None,
+        dtypes: tuple[torch.dtype, ...] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[backend] = (available, fn)
             if devices is not None:
                 self.devices[backend] = devices
+            if dtypes is not None:
+                self.dtypes[backend] = dtypes
             return fn
 
         return wrap
@@ -94,18 +110,27 @@ class KernelFamily:
     def _runs_on(self, backend: str, device: str | None) -> bool:
         return device is None or backend not in self.devices or device in self.devices[backend]
 
+    def _takes(self, backend: str, dtype: torch.dtype | None) -> bool:
+        return dtype is None or backend not in self.dtypes or dtype in self.dtypes[backend]
+
     def available(self) -> list[str]:
         return [b for b, (ok, _) in self.backends.items() if ok()]
 
-    def select(self, backend: str = "auto", device: str | None = None) -> tuple[str, Callable[..., Any]]:
-        """``(backend name, implementation)`` for tensors on ``device`` (a device type; ``None``: any).
+    def select(
+        self, backend: str = "auto", device: str | None = None, dtype: torch.dtype | None = None,
+        exclude: tuple[str, ...] = (),
+    ) -> tuple[str, Callable[..., Any]]:
+        """``(backend name, implementation)`` for tensors on ``device`` (a device type; ``None``: any) of ``dtype``.
+
+        ``exclude``: backends ``"auto"`` passes over (an explicit request still gets them).
 
         Raises:
             BackendUnavailableError: an explicit backend is unknown, unavailable here or not for ``device``.
+            TypeError: an explicit backend does not take ``dtype``.
         """
         if backend == "auto":
             for name, (ok, fn) in self.backends.items():
-                if self._runs_on(name, device) and ok():
+                if name not in exclude and self._runs_on(name, device) and self._takes(name, dtype) and ok():
                     return name, fn
             raise BackendUnavailableError(f"no backend of {self.name} is available")  # torch always is
         if backend not in self.backends:
@@ -123,4 +148,6 @@ class KernelFamily:
                 f"backend {backend!r} of {self.name} runs on {self.devices[backend]} tensors, not {device!r}; "
                 "move the tensors or use backend='auto'"
             )
+        if not self._takes(backend, dtype):
+            raise TypeError(f"backend {backend!r} of {self.name} takes {self.dtypes[backend]}, not {dtype}; use backend='auto'")
         return backend, fn

@@ -2,11 +2,20 @@
 
 Backends, in order of preference for ``backend="auto"``:
 
+* ``triton``: flash-style Triton kernel (:mod:`.triton_kernels`) on CUDA tensors; float32/16/bf16;
+  its tile products run on the tensor cores at the requested ``precision`` (below).
 * ``cuda``: ``torch.ops.fasthess.attention_jet2`` on CUDA tensors (``csrc/cuda/attention_jet2.cu``,
-  built only against a CUDA torch); float32/float64.
-* ``triton``: flash-style Triton kernel (:mod:`.triton_kernels`) on CUDA tensors; float32/16/bf16.
+  built only against a CUDA torch); float32/float64, exact scalar FMAs.
 * ``cpp``: ``torch.ops.fasthess.attention_jet2`` on CPU tensors (``csrc/attention_jet2.cpp``).
 * ``torch``: the same online-softmax algorithm in torch ops (:mod:`.online`), any device.
+
+``precision`` is the least accuracy the float32 matrix products may have: ``"ieee"`` (exact
+float32), ``"tf32x3"`` (default: each float32 operand split into two TF32 parts, three tensor-core
+products, error of the order of float32 round-off) or ``"tf32"`` (one TF32 product, ~1e-3
+relative). Only the Triton kernel uses tensor cores; the other backends always compute in full
+precision, which satisfies every setting. Hence ``"auto"`` on a GPU picks Triton for float32 at
+``"tf32x3"``/``"tf32"``, and for ``"ieee"`` the exact CUDA kernel (Triton's exact-fp32 products run
+on scalar FMAs and are slower than the reference); float64 goes to the CUDA kernel.
 
 The spec is :func:`.reference.attention_jet2` (nested ``torch.func.jvp`` on the math path).
 """
@@ -19,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available
+from ..registry import KernelFamily, cuda_op_available, op_available
 from .online import attention_jet2_online
 from .reference import attention, attention_jet2 as attention_jet2_reference
 
@@ -43,55 +52,53 @@ def triton_available() -> bool:
 @functools.lru_cache(maxsize=None)
 def cuda_ext_available() -> bool:
     """The extension was built with the CUDA kernels (it registers a CUDA implementation)."""
-    if not (op_available("attention_jet2") and torch.cuda.is_available()):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fasthess::attention_jet2", "CUDA")
+    return cuda_op_available("attention_jet2")
 
 
 def _keep(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)
 
 
-@family.register("cuda", available=cuda_ext_available, devices=("cuda",))
-def _cuda(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale):
+FLOAT32_64 = (torch.float32, torch.float64)
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # the settings of `precision` (module docstring); .triton_kernels takes them too
+
+
+@family.register("triton", available=triton_available, devices=("cuda",),
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16))
+def _triton(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale, precision):
+    from .triton_kernels import attention_jet2_triton
+
+    return attention_jet2_triton(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask,
+                                 scale=scale, precision=precision)
+
+
+@family.register("cuda", available=cuda_ext_available, devices=("cuda",), dtypes=FLOAT32_64)
+def _cuda(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale, precision):
     return torch.ops.fasthess.attention_jet2(q, k, v, q1, k1, v1, q2, k2, v2, _keep(key_padding_mask), causal, scale)
 
 
-@family.register("triton", available=triton_available, devices=("cuda",))
-def _triton(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale):
-    from .triton_kernels import attention_jet2_triton
-
-    return attention_jet2_triton(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-
-
-@family.register("cpp", available=lambda: op_available("attention_jet2"), devices=("cpu",))
-def _cpp(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale):
+@family.register("cpp", available=lambda: op_available("attention_jet2"), devices=("cpu",), dtypes=FLOAT32_64)
+def _cpp(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale, precision):
     return torch.ops.fasthess.attention_jet2(q, k, v, q1, k1, v1, q2, k2, v2, _keep(key_padding_mask), causal, scale)
 
 
 @family.register("torch", available=lambda: True)
-def _torch(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale):
+def _torch(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale, precision):
     return attention_jet2_online(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
-# dtypes each compiled backend takes; "auto" passes over a backend for other dtypes
-_DTYPES = {
-    "cuda": (torch.float32, torch.float64),
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cpp": (torch.float32, torch.float64),
-}
+def select_backend(backend: str, device: str, dtype: torch.dtype, precision: str = "tf32x3"):  # noqa: ANN201
+    """``(name, implementation)`` for tensors of ``device`` type and ``dtype``; see :func:`attention_jet2`.
 
-
-def select_backend(backend: str, device: str, dtype: torch.dtype):  # noqa: ANN201
-    """``(name, implementation)`` for tensors of ``device`` type and ``dtype``; see :func:`attention_jet2`."""
-    if backend == "auto":
-        for name in family.backends:
-            if dtype in _DTYPES.get(name, (dtype,)) and family._runs_on(name, device) and family.backends[name][0]():
-                return family.select(name, device)
-    name, fn = family.select(backend, device)
-    if dtype not in _DTYPES.get(name, (dtype,)):
-        raise TypeError(f"backend {name!r} takes {_DTYPES[name]}, not {dtype}; use backend='auto'")
-    return name, fn
+    Example:
+        >>> select_backend("torch", "cpu", torch.float32)[0]
+        'torch'
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # exact float32 on a GPU: the CUDA kernel (Triton's exact products are scalar FMAs, slower still)
+    exclude = ("triton",) if precision == "ieee" and dtype == torch.float32 else ()
+    return family.select(backend, device, dtype, exclude=exclude)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, tangents: list[Tensor]) -> None:
@@ -122,6 +129,7 @@ def attention_jet2(
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    precision: str = "tf32x3",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention and its first and second directional derivatives along ``N`` tangent pairs.
 
@@ -131,13 +139,17 @@ def attention_jet2(
         causal: key ``j`` visible to query ``i`` only when ``j <= i``.
         key_padding_mask: ``(B, Tk)`` bool, ``True`` = padding (ignored).
         scale: default ``1/sqrt(D)``.
-        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
+        precision: least accuracy of the float32 matrix products, ``"ieee"``, ``"tf32x3"`` or
+            ``"tf32"`` (module docstring); it changes the result only on the Triton backend.
 
     Returns:
         ``(o, o1, o2)``: ``(B, H, Tq, D)`` and two ``(N, B, H, Tq, D)``; rows that see no key are 0.
 
     Raises:
+        ValueError: shapes, dtypes or devices do not fit together, or an unknown ``precision``.
         BackendUnavailableError: an explicit backend is unavailable here or not for these tensors.
+        TypeError: an explicit backend does not take this dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -152,11 +164,12 @@ def attention_jet2(
     _check(q, k, v, tangents)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     device = q.device.type
-    name, fn = select_backend(backend, device, q.dtype)
+    _, fn = select_backend(backend, device, q.dtype, precision)
     if q1.shape[0] == 0:  # no tangents: only the primal
         o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
         return o, q1.new_zeros(q1.shape), q1.new_zeros(q1.shape)
-    return fn(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return fn(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+              precision=precision)
 
 
 def _register_fake() -> None:

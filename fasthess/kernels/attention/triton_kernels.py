@@ -5,7 +5,8 @@ the primal and of its tangent pair, keeps the running max, the row sums and the
 accumulators of :mod:`.online` in registers, and writes ``o1``/``o2`` of its
 tangent (and ``o`` from the programs of tangent 0). The primal scores are
 recomputed per tangent (2 of the 12 tile products), which buys one program per
-tangent in the grid; the primal tiles come from L2.
+tangent in the grid; the primal tiles come from L2. The products run at the ``precision``
+of :func:`attention_jet2_triton` (tensor cores unless ``"ieee"``).
 
 Importing this module needs ``triton``; on a CPU it runs only under
 ``TRITON_INTERPRET=1`` (set before triton is imported).
@@ -21,8 +22,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import PRECISIONS
 
-@triton.jit
+
+# H, BH, TQ, TK bound the grid and the masks only (every offset is a multiple of D, whose divisibility
+# by 16 vectorises the loads): not specialising on them compiles one kernel for all sequence lengths.
+@triton.jit(do_not_specialize=["H", "BH", "TQ", "TK"])
 def _attention_jet2_kernel(
     Q, K, V, Q1, K1, V1, Q2, K2, V2, KEEP, O, O1, O2,
     H, BH, TQ, TK, D, scale,
@@ -144,12 +149,18 @@ def launch_config(d: int) -> tuple[int, int, int, int, int]:
 def attention_jet2_triton(
     q: Tensor, k: Tensor, v: Tensor, q1: Tensor, k1: Tensor, v1: Tensor, q2: Tensor, k2: Tensor, v2: Tensor,
     *, causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
-    precision: str = "ieee",
+    precision: str = "tf32x3",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backend; same contract as :func:`.reference.attention_jet2` (inputs made contiguous).
 
-    ``precision``: ``"ieee"`` (default: float32 products, matching the reference) or ``"tf32"``.
+    ``precision``: the ``input_precision`` of the 12 tile products (each tile is float32 in registers,
+    whatever the input dtype). ``"ieee"``: float32 FMAs, no tensor cores. ``"tf32x3"``: Triton splits
+    each operand ``a = a_hi + a_lo`` into TF32 parts (``cvt.rna.tf32``) and sums ``a_lo·b_hi +
+    a_hi·b_lo + a_hi·b_hi`` on the tensor cores (3 MMAs; the dropped ``a_lo·b_lo`` and the rounding
+    of ``a_lo`` leave ~2^-21 relative per product). ``"tf32"``: one MMA, operands with a 10-bit mantissa.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton attention kernel takes {SUPPORTED_DTYPES}, not {q.dtype}; use backend='auto'")
     b, h, tq, d = q.shape

@@ -3,6 +3,8 @@
 Backends, in order of preference for ``backend="auto"``:
 
 * ``triton``: one program per block of elements (:mod:`.triton_kernels`) on CUDA tensors.
+* ``cuda``: ``torch.ops.fasthess.gelu_jet2`` on CUDA tensors (``csrc/cuda/gelu_jet2.cu``, built only
+  against a CUDA torch): one thread per element and its ``N`` tangent pairs; float32/float64.
 * ``cpp``: ``torch.ops.fasthess.gelu_jet2`` on CPU tensors (``csrc/gelu_jet2.cpp``): ``g'`` and
   ``g''`` of a block computed once and shared by the ``N`` tangents.
 * ``torch``: the closed form below in torch ops, any device.
@@ -19,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available, triton_available
+from ..registry import KernelFamily, cuda_op_available, op_available, triton_available
 from .reference import APPROXIMATIONS, gelu, gelu_jet2 as gelu_jet2_reference
 
 __all__ = ["family", "gelu", "gelu_derivatives", "gelu_jet2", "gelu_jet2_reference"]
@@ -53,6 +55,12 @@ def _triton(x: Tensor, x1: Tensor, x2: Tensor, approximate: str) -> tuple[Tensor
     return gelu_jet2_triton(x, x1, x2, approximate)
 
 
+@family.register("cuda", available=lambda: cuda_op_available("gelu_jet2"), devices=("cuda",),
+                 dtypes=(torch.float32, torch.float64))
+def _cuda(x: Tensor, x1: Tensor, x2: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.fasthess.gelu_jet2(x, x1, x2, approximate)
+
+
 @family.register("cpp", available=lambda: op_available("gelu_jet2"), devices=("cpu",))
 def _cpp(x: Tensor, x1: Tensor, x2: Tensor, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.fasthess.gelu_jet2(x, x1, x2, approximate)
@@ -72,7 +80,7 @@ def gelu_jet2(
     Args:
         x: any shape; x1, x2: ``(N, *x.shape)`` first- and second-order tangents.
         approximate: ``"none"`` (erf, as ``F.gelu``) or ``"tanh"``.
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``(y, y1, y2)``: ``x.shape`` and two ``(N, *x.shape)``.
@@ -80,6 +88,7 @@ def gelu_jet2(
     Raises:
         ValueError: bad ``approximate``, or shapes, dtypes or devices do not fit together.
         BackendUnavailableError: an explicit backend is unavailable here or not for these tensors.
+        TypeError: an explicit backend does not take this dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -96,7 +105,7 @@ def gelu_jet2(
             raise ValueError(f"{name} must be (N, *x.shape) with x.shape = {tuple(x.shape)}; got {tuple(t.shape)}")
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}); got {t.dtype}, {t.device}")
-    _, fn = family.select(backend, x.device.type)
+    _, fn = family.select(backend, x.device.type, x.dtype)
     return fn(x, x1, x2, approximate)
 
 

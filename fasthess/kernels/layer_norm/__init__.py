@@ -3,6 +3,8 @@
 Backends, in order of preference for ``backend="auto"``:
 
 * ``triton``: one program per block of rows (:mod:`.triton_kernels`) on CUDA tensors.
+* ``cuda``: ``torch.ops.fasthess.layer_norm_jet2`` on CUDA tensors (``csrc/cuda/layer_norm_jet2.cu``,
+  built only against a CUDA torch): one warp per row (``D <= 512``) or one block per row; float32/float64.
 * ``cpp``: ``torch.ops.fasthess.layer_norm_jet2`` on CPU tensors (``csrc/layer_norm_jet2.cpp``):
   one pass over the rows, the primal statistics of a row shared by its ``N`` tangents.
 * ``torch``: the closed form below in torch ops, any device.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available, triton_available
+from ..registry import KernelFamily, cuda_op_available, op_available, triton_available
 from .reference import layer_norm_jet2 as layer_norm_jet2_reference
 
 __all__ = ["family", "layer_norm_jet2", "layer_norm_jet2_reference"]
@@ -31,6 +33,12 @@ def _triton(x, weight, bias, x1, x2, eps):  # noqa: ANN001, ANN202
     from .triton_kernels import layer_norm_jet2_triton
 
     return layer_norm_jet2_triton(x, weight, bias, x1, x2, eps)
+
+
+@family.register("cuda", available=lambda: cuda_op_available("layer_norm_jet2"), devices=("cuda",),
+                 dtypes=(torch.float32, torch.float64))
+def _cuda(x, weight, bias, x1, x2, eps):  # noqa: ANN001, ANN202
+    return torch.ops.fasthess.layer_norm_jet2(x, weight, bias, x1, x2, eps)
 
 
 @family.register("cpp", available=lambda: op_available("layer_norm_jet2"), devices=("cpu",))
@@ -70,7 +78,7 @@ def layer_norm_jet2(
         x: ``(..., D)``; weight, bias: ``(D,)`` or ``None``.
         x1, x2: ``(N, *x.shape)`` first- and second-order input tangents.
         eps: added to the variance.
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``(y, y1, y2)``: ``x.shape`` and two ``(N, *x.shape)``, ``y2 = d²/dt² y(x + t x1 + t²/2 x2)`` at 0.
@@ -78,6 +86,7 @@ def layer_norm_jet2(
     Raises:
         ValueError: shapes, dtypes or devices do not fit together.
         BackendUnavailableError: an explicit backend is unavailable here or not for these tensors.
+        TypeError: an explicit backend does not take this dtype.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -98,7 +107,7 @@ def layer_norm_jet2(
     for name, t in (("x1", x1), ("x2", x2), ("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}); got {t.dtype}, {t.device}")
-    _, fn = family.select(backend, x.device.type)
+    _, fn = family.select(backend, x.device.type, x.dtype)
     return fn(x, weight, bias, x1, x2, float(eps))
 
 
