@@ -17,7 +17,7 @@ pytestmark = [
 
 GPU_SHAPES = SHAPES + [(1, 2, 1025, 1025, 64, 2), (2, 2, 300, 300, 128, 3), (1, 1, 64, 64, 200, 1)]
 # cuda-rowwise: the CUDA fallback kernel (one warp per row), forced through its environment switch;
-# triton: at its default precision "tf32x3", held to the exact-float32 tolerance
+# triton: at precision "tf32x3", held to the exact-float32 tolerance
 CASES = [("cuda", torch.float32), ("cuda", torch.float64), ("cuda-rowwise", torch.float32),
          ("cuda-rowwise", torch.float64), ("triton", torch.float32)]
 
@@ -64,9 +64,9 @@ def test_triton_precisions_at_1025() -> None:
 
 
 def test_auto_picks_a_compiled_gpu_backend() -> None:
-    """float32: Triton on the tensor cores at the default "tf32x3", the exact CUDA kernel at "ieee"."""
-    assert select_backend("auto", "cuda", torch.float32)[0] == "triton"
-    assert select_backend("auto", "cuda", torch.float32, "ieee")[0] == "cuda"
+    """float32: the exact CUDA kernel at the default "ieee", Triton on the tensor cores at "tf32x3"."""
+    assert select_backend("auto", "cuda", torch.float32)[0] == "cuda"
+    assert select_backend("auto", "cuda", torch.float32, "tf32x3")[0] == "triton"
     assert select_backend("auto", "cuda", torch.float64)[0] == "cuda"
     assert select_backend("auto", "cuda", torch.bfloat16)[0] == "triton"
 

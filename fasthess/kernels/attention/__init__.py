@@ -9,13 +9,14 @@ Backends, in order of preference for ``backend="auto"``:
 * ``cpp``: ``torch.ops.fasthess.attention_jet2`` on CPU tensors (``csrc/attention_jet2.cpp``).
 * ``torch``: the same online-softmax algorithm in torch ops (:mod:`.online`), any device.
 
-``precision`` is the least accuracy the float32 matrix products may have: ``"ieee"`` (exact
-float32), ``"tf32x3"`` (default: each float32 operand split into two TF32 parts, three tensor-core
+``precision`` is the least accuracy the float32 matrix products may have: ``"ieee"`` (default:
+exact float32), ``"tf32x3"`` (each float32 operand split into two TF32 parts, three tensor-core
 products, error of the order of float32 round-off) or ``"tf32"`` (one TF32 product, ~1e-3
 relative). Only the Triton kernel uses tensor cores; the other backends always compute in full
 precision, which satisfies every setting. Hence ``"auto"`` on a GPU picks Triton for float32 at
 ``"tf32x3"``/``"tf32"``, and for ``"ieee"`` the exact CUDA kernel (Triton's exact-fp32 products run
-on scalar FMAs and are slower than the reference); float64 goes to the CUDA kernel.
+on scalar FMAs and are slower than the reference); float64 goes to the CUDA kernel. The default
+stays ``"ieee"`` until an H200 run has measured ``"tf32x3"``'s error and speed (only emulated so far).
 
 The spec is :func:`.reference.attention_jet2` (nested ``torch.func.jvp`` on the math path).
 """
@@ -87,7 +88,7 @@ def _torch(q, k, v, q1, k1, v1, q2, k2, v2, *, causal, key_padding_mask, scale, 
     return attention_jet2_online(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
 
 
-def select_backend(backend: str, device: str, dtype: torch.dtype, precision: str = "tf32x3"):  # noqa: ANN201
+def select_backend(backend: str, device: str, dtype: torch.dtype, precision: str = "ieee"):  # noqa: ANN201
     """``(name, implementation)`` for tensors of ``device`` type and ``dtype``; see :func:`attention_jet2`.
 
     Example:
@@ -129,7 +130,7 @@ def attention_jet2(
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
-    precision: str = "tf32x3",
+    precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention and its first and second directional derivatives along ``N`` tangent pairs.
 

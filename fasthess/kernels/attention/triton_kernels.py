@@ -149,7 +149,7 @@ def launch_config(d: int) -> tuple[int, int, int, int, int]:
 def attention_jet2_triton(
     q: Tensor, k: Tensor, v: Tensor, q1: Tensor, k1: Tensor, v1: Tensor, q2: Tensor, k2: Tensor, v2: Tensor,
     *, causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
-    precision: str = "tf32x3",
+    precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backend; same contract as :func:`.reference.attention_jet2` (inputs made contiguous).
 
