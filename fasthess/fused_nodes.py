@@ -56,6 +56,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from .kernels.attention.reference import probabilities
+
 __all__ = [
     "CPU_MIN_KEYS", "attention_fused", "cross_entropy_fused", "disabled", "enabled", "layer_norm_fused", "mode",
     "recording", "try_attention", "try_cross_entropy", "try_layer_norm", "using",
@@ -128,16 +130,6 @@ def recording(depends: Callable[[Tensor], bool]) -> Iterator[None]:
 # ----------------------------------------------------------------------------- attention
 
 
-def _attention_probs(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float) -> Tensor:
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1)
-
-
 @torch.library.custom_op("fasthess::attention_fused", mutates_args=())
 def attention_fused(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float
@@ -146,7 +138,7 @@ def attention_fused(
 
     Shapes: q ``(B, H, Tq, D)``, k and v ``(B, H, Tk, D)``; returns ``(B, H, Tq, D)``.
     """
-    return torch.matmul(_attention_probs(q, k, key_padding_mask, causal, scale), v)
+    return torch.matmul(probabilities(q, k, causal, key_padding_mask, scale), v)
 
 
 @attention_fused.register_fake
@@ -162,7 +154,7 @@ def _attention_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _attention_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     q, k, v, mask = ctx.saved_tensors
-    p = _attention_probs(q, k, mask, ctx.causal, ctx.scale)  # recomputed: the forward keeps no T×T tensor
+    p = probabilities(q, k, ctx.causal, mask, ctx.scale)  # recomputed: the forward keeps no T×T tensor
     dv = torch.matmul(p.transpose(-2, -1), grad)
     dp = torch.matmul(grad, v.transpose(-2, -1))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * ctx.scale

@@ -35,6 +35,18 @@ def visible(tq: int, tk: int, causal: bool, key_padding_mask: Tensor | None, dev
     return mask
 
 
+def probabilities(q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    """``(B, H, Tq, Tk)`` masked softmax of ``q kᵀ · scale``; a row with no visible key is zero."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = visible(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+    if mask is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~mask, float("-inf"))
+    # a row with no visible key: any finite row keeps softmax finite; its output is zeroed below
+    empty = ~mask.any(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -63,17 +75,7 @@ def attention(
         torch.Size([1, 1, 2, 4])
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    mask = visible(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-        # a row with no visible key: any finite row keeps softmax finite; its output is zeroed below
-        empty = ~mask.any(-1, keepdim=True)
-        s = s.masked_fill(empty, 0.0)
-    p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = p.masked_fill(empty, 0.0)
-    return torch.matmul(p, v)
+    return torch.matmul(probabilities(q, k, causal, key_padding_mask, scale), v)
 
 
 def attention_jet2(
