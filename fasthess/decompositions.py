@@ -161,14 +161,16 @@ def scaled_dot_product_attention(
     fused = try_attention(query, key, value, attn_mask, is_causal, scale)
     if fused is not None:
         return fused
-    if attn_mask is None and not enable_gqa and query.dim() == 4:
+    if not enable_gqa and query.dim() == 4:
         from .kernels.attention_hvp import forward_over_reverse as fwd_rev
 
         if fwd_rev.routes(query) and key.shape == value.shape and key.shape[:2] == query.shape[:2] \
                 and key.shape[-1] == query.shape[-1]:
             # inside the fwd_rev engine: the backward's tangent is the attention HVP kernel
-            scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-            return fwd_rev.attention(query, key, value, causal=is_causal, scale=scale)
+            form = (None, is_causal) if attn_mask is None else fwd_rev.mask_form(attn_mask, query, key, is_causal)
+            if form is not None:
+                scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+                return fwd_rev.attention(query, key, value, causal=form[1], scale=scale, key_padding_mask=form[0])
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(repeat, dim=-3)

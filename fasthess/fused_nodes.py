@@ -60,6 +60,7 @@ from .kernels.attention.reference import probabilities
 
 __all__ = [
     "CPU_MIN_KEYS", "attention_fused", "cross_entropy_fused", "disabled", "enabled", "layer_norm_fused", "mode",
+    "padding_form",
     "recording", "try_attention", "try_cross_entropy", "try_layer_norm", "using",
 ]
 
@@ -192,6 +193,16 @@ def _as_padding(blocked: Tensor, b: int, h: int, tq: int, tk: int) -> tuple[Tens
     return None
 
 
+def padding_form(attn_mask: Tensor, b: int, h: int, tq: int, tk: int) -> tuple[Tensor | None, bool] | None:
+    """An SDPA ``attn_mask`` as ``(key_padding_mask, causal)`` for ``(B, H, Tq, Tk)`` scores, or None.
+
+    None when the mask is anything but key padding (optionally with the causal mask): a bias,
+    another pattern, or a query row that sees no key. The mask must be a plain constant tensor.
+    """
+    blocked = _blocked(attn_mask)
+    return None if blocked is None else _as_padding(blocked, b, h, tq, tk)
+
+
 def try_attention(
     query: Tensor,
     key: Tensor,
@@ -219,8 +230,7 @@ def try_attention(
     if attn_mask is not None:
         if is_causal or depends(attn_mask):
             return None  # SDPA refuses both; a parameter-dependent mask is a bias the kernels do not take
-        blocked = _blocked(attn_mask)
-        form = None if blocked is None else _as_padding(blocked, b, h, tq, tk)
+        form = padding_form(attn_mask, b, h, tq, tk)
         if form is None:
             return None
         pad, causal = form

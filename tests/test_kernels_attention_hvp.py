@@ -344,3 +344,48 @@ def test_route_applies_only_inside_fwd_rev_and_with_a_worthwhile_backend() -> No
             assert routes(q16)
         with use_backend("cpp"):
             assert not routes(q16)  # cpp takes float32/64 only: the plain decomposition
+
+
+@pytest.mark.parametrize("form", ["bool", "additive", "additive-causal", "bias"])
+def test_routed_sdpa_with_a_mask_matches_dense_hessian(form: str, monkeypatch) -> None:
+    """F.scaled_dot_product_attention with an attn_mask inside the fwd_rev route: key-padding masks
+    (boolean; additive 0 / -inf as HF models pass them; combined with the causal pattern) go through the
+    kernel, a bias falls back to the plain path; both equal the dense reverse-over-reverse Hessian."""
+    from fasthess.decompositions import scaled_dot_product_attention as sdpa
+    from fasthess.kernels.attention_hvp import forward_over_reverse as route_module
+    from fasthess.kernels.registry import use_backend
+
+    g = torch.Generator().manual_seed(7)
+    b, h, t, d = 2, 2, 6, 3
+    w = torch.randn(h * d, 3 * h * d, generator=g, dtype=torch.float64)
+    x = torch.randn(b, t, h * d, generator=g, dtype=torch.float64)
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    pad[0, -2:] = True  # two padded keys in the first sequence
+    if form == "bool":
+        mask = ~pad[:, None, None, :]
+    elif form == "bias":
+        mask = torch.randn(b, 1, t, t, generator=g, dtype=torch.float64)
+    else:
+        blocked = pad[:, None, None, :] | (torch.ones(t, t, dtype=torch.bool).triu(1) if form == "additive-causal" else False)
+        mask = torch.zeros(b, 1, t, t, dtype=torch.float64).masked_fill(blocked, float("-inf"))
+
+    def f(w):
+        heads = lambda y: y.view(b, -1, h, d).transpose(1, 2)  # noqa: E731
+        q, k, v = (heads(x @ w[:, i * h * d : (i + 1) * h * d]) for i in range(3))
+        return (sdpa(q, k, v, attn_mask=mask, scale=0.7).sin() * torch.arange(d, dtype=w.dtype)).sum()
+
+    tangents = torch.randn(3, *w.shape, generator=g, dtype=torch.float64)
+    dense = torch.autograd.functional.hessian(f, w).reshape(w.numel(), w.numel())
+    want = (tangents.reshape(3, -1) @ dense).reshape(tangents.shape)
+    calls = []
+    original = route_module._hvp
+    monkeypatch.setattr(route_module, "_hvp", lambda *a: calls.append(a[5]) or original(*a))
+    for backend in _available_backends():
+        calls.clear()
+        with use_backend(backend), route_module.route():
+            got = torch.func.vmap(lambda u: torch.func.jvp(torch.func.grad(f), (w,), (u,))[1])(tangents)
+        _close([got], [want], ATTENTION_HVP_VS_DENSE, f"{form} {backend}")
+        if form == "bias":
+            assert not calls, "a bias is not a key-padding mask: the plain path must run"
+        else:
+            assert calls and all(torch.equal(p, pad) for p in calls), "the mask must reach the kernel as key padding"

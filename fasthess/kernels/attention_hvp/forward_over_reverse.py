@@ -9,7 +9,8 @@ for all the tangents of a ``vmap`` (the C++ op's vmap rule folds the vmapped dim
 the ``torch`` backend is vmapped op by op).
 
 :func:`route` turns it on for :func:`fasthess.decompositions.scaled_dot_product_attention`
-(for calls it covers: 4-d inputs, no ``attn_mask``, no dropout, no GQA, and see :func:`routes`);
+(for calls it covers: 4-d inputs, no ``attn_mask`` or one that is exactly a key-padding mask, optionally
+with the causal one, as :func:`fasthess.fused_nodes.padding_form` reads it; no dropout, no GQA; see :func:`routes`);
 the ``fwd_rev`` engine's ``hvp`` enters it. Other transforms (double backward, forward-over-forward) keep the
 plain decomposition: this Function has no second-order reverse rule.
 """
@@ -27,7 +28,7 @@ from ...errors import BackendUnavailableError
 from ..attention.reference import attention as attention_math
 from ..registry import op_available, preferred_backend
 
-__all__ = ["attention", "route", "routed", "routes"]
+__all__ = ["attention", "mask_form", "route", "routed", "routes"]
 
 _active: contextvars.ContextVar[bool] = contextvars.ContextVar("fasthess_attention_hvp_route", default=False)
 
@@ -79,11 +80,25 @@ def routes(q: Tensor) -> bool:
     return backend != "auto" or name in AUTO_ROUTED
 
 
-def _hvp(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, tangents: list[Tensor], causal: bool, scale: float):
+def mask_form(attn_mask: Tensor, q: Tensor, k: Tensor, is_causal: bool) -> tuple[Tensor | None, bool] | None:
+    """``(key_padding_mask, causal)`` of a constant SDPA ``attn_mask`` the kernel takes, else None.
+
+    A mask inside a function transform (one that depends on the parameters or the tangents: a
+    bias) is not read: the plain decomposition differentiates it.
+    """
+    from ...fused_nodes import padding_form
+
+    if is_causal or torch._C._functorch.is_functorch_wrapped_tensor(attn_mask) or attn_mask.requires_grad:
+        return None
+    return padding_form(attn_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _hvp(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, tangents: list[Tensor], pad: Tensor | None, causal: bool,
+         scale: float):
     from . import attention_hvp, family  # the package imports this module's users, not the reverse
 
     backend = preferred_backend(family.name, family.backends)
-    return attention_hvp(q, k, v, dout, *tangents, causal=causal, scale=scale, backend=backend)
+    return attention_hvp(q, k, v, dout, *tangents, causal=causal, key_padding_mask=pad, scale=scale, backend=backend)
 
 
 class _AttentionBackward(torch.autograd.Function):
@@ -92,20 +107,20 @@ class _AttentionBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool, scale: float):  # noqa: ANN205
+    def forward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, pad: Tensor | None, causal: bool, scale: float):  # noqa: ANN205
         none = [t.new_zeros((0, *t.shape)) for t in (q, k, v, dout)]  # N = 0: the backward only
-        return _hvp(q, k, v, dout, none, causal, scale)[:3]
+        return _hvp(q, k, v, dout, none, pad, causal, scale)[:3]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        q, k, v, dout, ctx.causal, ctx.scale = inputs
+        q, k, v, dout, ctx.pad, ctx.causal, ctx.scale = inputs
         ctx.save_for_forward(q, k, v, dout)
 
     @staticmethod
-    def jvp(ctx, q1, k1, v1, dout1, _causal, _scale):  # noqa: ANN001, ANN205
+    def jvp(ctx, q1, k1, v1, dout1, _pad, _causal, _scale):  # noqa: ANN001, ANN205
         primals = ctx.saved_tensors
         tangents = [(p.new_zeros(p.shape) if t is None else t)[None] for t, p in zip((q1, k1, v1, dout1), primals)]
-        out = _hvp(*primals, tangents, ctx.causal, ctx.scale)
+        out = _hvp(*primals, tangents, ctx.pad, ctx.causal, ctx.scale)
         return out[3][0], out[4][0], out[5][0]
 
 
@@ -115,33 +130,37 @@ class _Attention(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-        return attention_math(q, k, v, causal=causal, scale=scale)
+    def forward(q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None, causal: bool, scale: float) -> Tensor:
+        return attention_math(q, k, v, causal=causal, key_padding_mask=pad, scale=scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        q, k, v, ctx.causal, ctx.scale = inputs
+        q, k, v, ctx.pad, ctx.causal, ctx.scale = inputs  # the mask is a constant: no derivative
         ctx.save_for_backward(q, k, v)
         ctx.save_for_forward(q, k, v)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: ANN001, ANN205
         q, k, v = ctx.saved_tensors
-        return (*_AttentionBackward.apply(q, k, v, dout, ctx.causal, ctx.scale), None, None)
+        return (*_AttentionBackward.apply(q, k, v, dout, ctx.pad, ctx.causal, ctx.scale), None, None, None)
 
     @staticmethod
-    def jvp(ctx, q1, k1, v1, _causal, _scale):  # noqa: ANN001, ANN205
+    def jvp(ctx, q1, k1, v1, _pad, _causal, _scale):  # noqa: ANN001, ANN205
         primals = ctx.saved_tensors
         tangents = tuple(p.new_zeros(p.shape) if t is None else t for t, p in zip((q1, k1, v1), primals))
 
         def f(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-            return attention_math(a, b, c, causal=ctx.causal, scale=ctx.scale)
+            return attention_math(a, b, c, causal=ctx.causal, key_padding_mask=ctx.pad, scale=ctx.scale)
 
         return torch.func.jvp(f, primals, tangents)[1]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, key_padding_mask: Tensor | None = None
+) -> Tensor:
     """Attention ``(B, H, Tq, D) × (B, H, Tk, D)² → (B, H, Tq, D)`` routed through the HVP kernel.
+
+    ``key_padding_mask``: ``(B, Tk)`` bool, ``True`` = ignored; a constant (no derivative).
 
     Same values and derivatives as :func:`fasthess.kernels.attention.reference.attention`.
 
@@ -154,7 +173,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float) ->
         >>> torch.allclose(hvp(attention), hvp(attention_math))
         True
     """
-    return _Attention.apply(q, k, v, causal, scale)
+    return _Attention.apply(q, k, v, key_padding_mask, causal, scale)
 
 
 def register_fold_vmap(name: str, op) -> None:  # noqa: ANN001
