@@ -17,7 +17,7 @@ from .engines import Engine, get_engine
 from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import MemoryRiskError, NonFiniteCurvatureError
 from .kernels.linear import onehot_family
-from .kernels.registry import preferred_backend, use_backend
+from .kernels.registry import preferred_backend, record_kernels, use_backend
 from .layers import LayerSpec, resolve_parameters
 from .objective import (
     LossCheck,
@@ -130,7 +130,8 @@ def diag(
 
     Returns:
         :class:`DiagResult` mapping parameter name to :class:`LayerDiag`, with
-        ``meta`` (method, engine, backend, seed, counts, seconds, versions).
+        ``meta`` (method, engine, backend, ``kernels``: the backend each kernel family ran on, seed,
+        counts, seconds, versions).
 
     Raises:
         LayerNotFoundError, LossError, TrainingModeError, MemoryRiskError,
@@ -196,7 +197,7 @@ def diag(
         fallback, extra = None, {}
         count = num_probes if method in ESTIMATED else num_samples if method == "sampled" else 0
         plan.check(signature(method, objective, count, seed, probe, plan.requested), chunk)
-        with plan.guard(chunk):  # a failure here is reported to the other ranks instead of hanging them
+        with plan.guard(chunk), record_kernels() as kernels:  # a failure is reported to the other ranks
             if method in ESTIMATED:
                 layer_results, extra = estimators.estimate(
                     objective, eng, chunk, method=method, num_probes=num_probes, probe=probe, seed=seed,
@@ -220,6 +221,7 @@ def diag(
         "engine": eng.name,
         "engine_fallback": fallback,
         "backend": used_backend,
+        "kernels": {family: "+".join(sorted(names)) for family, names in sorted(kernels.items())},  # those that ran
         "seed": seed,
         "num_samples": num_samples if method == "sampled" else None,
         "num_probes": num_probes if method in ("hutchinson", "ggn_mc") else None,

@@ -121,6 +121,10 @@ def test_sampled_entries_match_dense_for_every_backend(model: str, backend: str,
     assert kernel_calls[("attention_jet2", backend)] > 0 and kernel_calls[("layer_norm_jet2", backend)] > 0
     assert kernel_calls[("cross_entropy_jet2", backend)] > 0 or model == "decoder"
     assert all(b == backend for _, b in kernel_calls)
+    # and meta names exactly the kernels that ran (plus the one-hot weight tangents)
+    ran = {family for family, _ in kernel_calls}
+    assert {f: b for f, b in res.meta["kernels"].items() if f in ran} == {f: backend for f in ran}
+    assert set(res.meta["kernels"]) - ran <= {"onehot_weight_tangent"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

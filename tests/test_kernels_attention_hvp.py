@@ -326,6 +326,7 @@ def test_hutchinson_fwd_rev_through_the_kernel_equals_plain_path(monkeypatch) ->
         with use_backend(backend):
             routed = fasthess.diag(case.model, case.loss, case.layers, engine="fwd_rev", **kw)
         assert calls and max(calls) == 1, calls  # N = 1 per vmapped tangent: the vmap rule folds the probes
+        assert routed.meta["kernels"]["attention_hvp"] == backend
         for name in plain.layers:
             torch.testing.assert_close(routed.layers[name].values, plain.layers[name].values,
                                        rtol=SAME_PROBES_RTOL, atol=1e-12, msg=lambda m: f"{backend} {name}: {m}")

@@ -44,6 +44,42 @@ def use_backend(backend: str) -> Iterator[None]:
         _preferred.reset(token)
 
 
+_used: contextvars.ContextVar[dict[str, set[str]] | None] = contextvars.ContextVar("fasthess_kernels_used", default=None)
+
+
+@contextlib.contextmanager
+def record_kernels() -> Iterator[dict[str, set[str]]]:
+    """Collect ``{family: {backends}}`` of every kernel that runs inside (``fasthess.diag``'s ``meta["kernels"]``).
+
+    Example:
+        >>> from fasthess.kernels.gelu import gelu_jet2
+        >>> x = torch.randn(3)
+        >>> with record_kernels() as used:
+        ...     _ = gelu_jet2(x, x[None], x[None], backend="torch")
+        >>> used
+        {'gelu_jet2': {'torch'}}
+    """
+    used: dict[str, set[str]] = {}
+    token = _used.set(used)
+    try:
+        yield used
+    finally:
+        _used.reset(token)
+
+
+def _noted(family: str, backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, noting in :func:`record_kernels`'s dict that it ran (a selection alone is no use)."""
+    used = _used.get()
+    if used is None:
+        return fn
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        used.setdefault(family, set()).add(backend)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def preferred_backend(family: str, known: Iterator[str] | list[str]) -> str:
     """The backend set by :func:`use_backend` if the family ``known`` it, else ``"auto"``."""
     backend = _preferred.get()
@@ -131,7 +167,7 @@ class KernelFamily:
         if backend == "auto":
             for name, (ok, fn) in self.backends.items():
                 if name not in exclude and self._runs_on(name, device) and self._takes(name, dtype) and ok():
-                    return name, fn
+                    return name, _noted(self.name, name, fn)
             raise BackendUnavailableError(f"no backend of {self.name} is available")  # torch always is
         if backend not in self.backends:
             raise BackendUnavailableError(
@@ -150,4 +186,4 @@ class KernelFamily:
             )
         if not self._takes(backend, dtype):
             raise TypeError(f"backend {backend!r} of {self.name} takes {self.dtypes[backend]}, not {dtype}; use backend='auto'")
-        return backend, fn
+        return backend, _noted(self.name, backend, fn)
