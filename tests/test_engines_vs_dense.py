@@ -94,3 +94,22 @@ def test_forward_ad_trap_is_real_and_avoided() -> None:
     assert torch.allclose(safe, truth, rtol=1e-10)
     if torch.__version__.startswith("2.13"):
         assert not torch.allclose(raw, truth, rtol=1e-3), "torch fixed the layer_norm trap: the decomposition may go"
+
+
+@pytest.mark.parametrize("engine", ["fwd_fwd", "fwd_rev"])
+def test_forward_mode_engines_record_no_outer_graph(engine: str) -> None:
+    """With other parameters requiring grad, an outer autograd graph would save every batched tangent
+    (measured 4-7x the memory per tangent, benchmarks/engine_memory.py): the passes run under no_grad."""
+    from fasthess.engines import ENGINES
+
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)  # a parameter the function closes over
+    f = lambda p: (torch.tanh(w @ p) ** 2).sum()  # noqa: E731
+    p = torch.randn(4, dtype=torch.float64)
+    eng = ENGINES[engine]()
+    entries = eng.diagonal_entries(f, p, torch.arange(4), 4)
+    assert entries.grad_fn is None
+    torch.testing.assert_close(entries, torch.func.hessian(f)(p).diagonal())
+    if eng.supports_hvp:
+        (hv,) = eng.hvp(lambda q: f(q), [p], [torch.eye(4, dtype=torch.float64)], 4)
+        assert hv.grad_fn is None
+        torch.testing.assert_close(hv, torch.func.hessian(f)(p))
