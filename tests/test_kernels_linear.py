@@ -280,14 +280,14 @@ def _compile_sm90(kernel, signature: dict, constexprs: dict) -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
 
 
-@pytest.mark.parametrize("acc", ["fp32", "fp64"])
-def test_triton_seeded_kernel_compiles_to_ptx_for_sm90(acc: str) -> None:
+@pytest.mark.parametrize("acc,base", [("fp32", "i32"), ("fp64", "i64")])  # a base below 2^31 is passed as i32
+def test_triton_seeded_kernel_compiles_to_ptx_for_sm90(acc: str, base: str) -> None:
     pytest.importorskip("triton")
     import triton.language as tl
 
     from fasthess.kernels.linear.triton_kernels import BLOCK, _seeded_update_kernel as kernel
 
-    sig = {"MEAN": f"*{acc}", "M2": f"*{acc}", "HZ": "*fp32", "N": "i64", "K": "i32", "BASE": "i64", "count": "i64"}
+    sig = {"MEAN": f"*{acc}", "M2": f"*{acc}", "HZ": "*fp32", "N": "i64", "K": "i32", "BASE": base, "count": "i64"}
     ptx = _compile_sm90(kernel, sig, dict(ACC=getattr(tl, "float64" if acc == "fp64" else "float32"), BLOCK=BLOCK))
     assert ".target sm_90" in ptx and ".entry _seeded_update_kernel" in ptx
     assert "shr.u32" in ptx and "shr.s32" not in ptx  # the hash's shifts are logical (uint32), as in C++
