@@ -6,8 +6,8 @@ on the math path; TFLOP/s counts 5 primal + 10 per-tangent products; not in the 
 weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: dense seeds + einsum),
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
 regenerated from the seed, every seeded backend; reference: torch regeneration + update; rows
-``stored-probes-<backend>``: the plain update of every backend reading the probes from memory), ``crossentropy`` (2-jet of
-the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), ``layernorm`` and
+``stored-probes-<backend>``: the plain update of every backend reading the probes from memory),
+``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), ``layernorm`` and
 ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
@@ -164,7 +164,9 @@ def seeded_cases(a, t: int, h: int, n: int, dtype):
     }
     for backend in hutchinson_family.backends:  # the plain update, reading stored probes
         if backend in hutchinson_family.available() and a.device in hutchinson_family.devices.get(backend, (a.device,)):
-            cases[f"stored-probes-{backend}"] = lambda backend=backend: hutchinson_update_(mean, m2, z, hz, 0, backend=backend)
+            cases[f"stored-probes-{backend}"] = lambda backend=backend: hutchinson_update_(
+                mean, m2, z, hz, 0, backend=backend
+            )
     for backend in linear.seeded_family.backends:
         if backend in linear.seeded_family.available() and a.device in linear.seeded_family.devices.get(backend, (a.device,)):
             cases[backend] = lambda backend=backend: linear.hutchinson_update_seeded_(mean, m2, hz, 0, 0, 0, backend=backend)

@@ -273,7 +273,7 @@ def test_gpu_seeded_and_plain_updates_match_reference(backend: str, dtype, k: in
     plain_reference(*want, z, hz, count)
     rtol, atol = KERNEL_VS_REFERENCE[dtype]
     seeded = [mean0.cuda(), m20.cuda()]
-    assert hutchinson_update_seeded_(*seeded, hz.cuda(), seed=11, first_probe=3, count=count, backend=backend) == backend
+    assert hutchinson_update_seeded_(*seeded, hz.cuda(), 11, 3, count, backend=backend) == backend
     plain = [mean0.cuda(), m20.cuda()]
     assert hutchinson_update_(*plain, z.cuda(), hz.cuda(), count, backend=backend) == backend
     torch.cuda.synchronize()
@@ -308,11 +308,12 @@ def test_cuda_linear_opcheck_and_errors() -> None:
     rows, cols = (t.cuda() for t in _coords(6, 7, 5))
     torch.library.opcheck(torch.ops.fasthess.onehot_weight_tangent.default, (x, rows, cols, 7))
     with pytest.raises(RuntimeError, match="outside the \\(7, 5\\) weight"):
-        torch.ops.fasthess.onehot_weight_tangent(x, torch.tensor([7], device="cuda"), torch.tensor([0], device="cuda"), 7)
+        torch.ops.fasthess.onehot_weight_tangent(x, torch.full_like(rows[:1], 7), torch.zeros_like(cols[:1]), 7)
     with pytest.raises(RuntimeError, match="on x's device"):
         torch.ops.fasthess.onehot_weight_tangent(x, rows.cpu(), cols.cpu(), 7)
     mean, m2 = torch.zeros(11, dtype=torch.float64, device="cuda"), torch.rand(11, dtype=torch.float64, device="cuda")
-    z, hz = torch.ones(3, 11, dtype=torch.float64, device="cuda"), torch.randn(3, 11, dtype=torch.float64, device="cuda")
+    z = torch.ones(3, 11, dtype=torch.float64, device="cuda")
+    hz = torch.randn(3, 11, dtype=torch.float64, device="cuda")
     torch.library.opcheck(torch.ops.fasthess.hutchinson_update_seeded_.default, (mean, m2, hz, 5, 2, 4))
     torch.library.opcheck(torch.ops.fasthess.hutchinson_update_.default, (mean, m2, z, hz, 4))
     with pytest.raises(RuntimeError, match="\\(k, n\\)"):

@@ -141,7 +141,8 @@ for dtype in (torch.float32, torch.float64):
                 hutchinson_update_(*want, count)
                 hutchinson_update_triton(*got, count)
                 for a, b in zip(got[:2], want[:2]):
-                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{{dtype}} {{k}} {{n}} {{count}}: {{m}}")
+                    what = f"{{dtype}} {{k}} {{n}} {{count}}"
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{{what}}: {{m}}")
                 ok += 1
 # float32 samples into float64 statistics (the estimators' case): converted on load, as the cpp backend does
 mean, m2, z, hz = _inputs(3, 97, torch.float64)

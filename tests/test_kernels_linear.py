@@ -181,11 +181,12 @@ def test_sampled_diag_identical_for_every_onehot_backend(backend: str, case_name
 PROBE_STREAMS = [(0, 0), (11, 3), (2**40 + 7, 2**32 - 2), (-5, 9)]  # seeds / first probes past 32 bits wrap
 
 
-def probe_of(backend: str, seed: int, first_probe: int, n: int, dtype=torch.float64, device: str = "cpu") -> torch.Tensor:
+def probe_of(backend: str, seed: int, first_probe: int, n: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """Probe ``first_probe`` of ``seed`` as a backend draws it: one sample with ``hz = 1`` into empty statistics
     leaves ``mean = z`` exactly."""
     mean, m2 = torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
-    hutchinson_update_seeded_(mean, m2, torch.ones(1, n, dtype=dtype, device=device), seed, first_probe, 0, backend=backend)
+    hz = torch.ones(1, n, dtype=dtype, device=device)
+    hutchinson_update_seeded_(mean, m2, hz, seed, first_probe, 0, backend=backend)
     return mean
 
 
@@ -241,7 +242,8 @@ for dtype in (torch.float32, torch.float64):
                 hutchinson_update_seeded_(*want, hz, 11, 3, count)
                 hutchinson_update_seeded_triton(*got, hz, 11, 3, count)
                 for a, b in zip(got, want):
-                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"seeded {{dtype}} {{k}} {{n}} {{count}}: {{m}}")
+                    what = f"seeded {{dtype}} {{k}} {{n}} {{count}}"
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{{what}}: {{m}}")
                 ok += 1
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     for xshape, out, kk in [((1, 5), 3, 4), ((97, 6), 130, 5), ((2, 3, 7), 17, 9)]:  # 130: a partial column tile

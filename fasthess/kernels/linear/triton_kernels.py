@@ -73,7 +73,9 @@ def _onehot_kernel(X, ROWS, COLS, Y, KM, M, IN, OUT, BLOCK_R: tl.constexpr, BLOC
     tl.store(Y + r[:, None] * OUT + o[None, :], y, mask=r_ok[:, None] & (o[None, :] < OUT))
 
 
-def hutchinson_update_seeded_triton(mean: Tensor, m2: Tensor, hz: Tensor, seed: int, first_probe: int, count: int) -> None:
+def hutchinson_update_seeded_triton(
+    mean: Tensor, m2: Tensor, hz: Tensor, seed: int, first_probe: int, count: int
+) -> None:
     """Triton backend; same contract as :func:`.reference.hutchinson_update_seeded_` (``mean``, ``m2`` contiguous)."""
     check_statistics(mean, m2, hz)
     k, n = hz.shape
