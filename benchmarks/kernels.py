@@ -7,8 +7,8 @@ weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: d
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
 regenerated from the seed, every seeded backend; reference: torch regeneration + update; rows
 ``stored-probes-<backend>``: the plain update of every backend reading the probes from memory),
-``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), ``layernorm`` and
-``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
+``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp),
+``layernorm`` and ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
 The Triton attention kernel has one row per precision of its float32 tile products
