@@ -347,3 +347,20 @@ def test_diag_on_cuda_same_for_every_linear_backend(backend: str) -> None:
         for name in want:
             torch.testing.assert_close(got[name].values, want[name].values, rtol=rtol, atol=atol,
                                        msg=lambda m: f"{kw} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_gpu_seeded_update_stores_no_probes(backend: str) -> None:
+    """The seeded kernels hash the probes in the pass over hz: the call allocates nothing (torch: the (k, n) probes)."""
+    from fasthess.kernels.linear import hutchinson_update_seeded_
+
+    k, n = 8, 1 << 20
+    hz = torch.randn(k, n, dtype=torch.float64, device="cuda")
+    mean, m2 = torch.zeros(n, dtype=torch.float64, device="cuda"), torch.zeros(n, dtype=torch.float64, device="cuda")
+    hutchinson_update_seeded_(mean, m2, hz, 1, 0, 0, backend=backend)  # compile / warm up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    hutchinson_update_seeded_(mean, m2, hz, 1, k, k, backend=backend)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == base, torch.cuda.max_memory_allocated() - base
