@@ -5,9 +5,10 @@ Ops (``--ops``): ``attention`` (2-jet; reference: nested jvp on the math path), 
 on the math path; TFLOP/s counts 5 primal + 10 per-tangent products; not in the default ``--ops``), ``onehot`` (one-hot
 weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: dense seeds + einsum),
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
-regenerated from the seed; reference: torch regeneration + update), ``crossentropy`` (2-jet of
-the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp), ``layernorm`` and
-``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
+regenerated from the seed, every seeded backend; reference: torch regeneration + update; rows
+``stored-probes-<backend>``: the plain update of every backend reading the probes from memory),
+``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp),
+``layernorm`` and ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
 The Triton attention kernel has one row per precision of its float32 tile products
@@ -44,7 +45,7 @@ from fasthess.kernels.attention.reference import attention_jet2 as reference  # 
 from fasthess.kernels.attention_hvp import attention_hvp  # noqa: E402
 from fasthess.kernels.attention_hvp import attention_hvp_reference  # noqa: E402
 from fasthess.kernels.attention_hvp import family as hvp_family  # noqa: E402
-from fasthess.kernels.hutchinson import hutchinson_update_  # noqa: E402
+from fasthess.kernels.hutchinson import family as hutchinson_family, hutchinson_update_  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -160,8 +161,12 @@ def seeded_cases(a, t: int, h: int, n: int, dtype):
     nbytes = (n * size + 4 * size) * 8  # hz read, mean/m2 read and written
     cases = {
         "reference": lambda: linear.hutchinson_update_seeded_(mean, m2, hz, 0, 0, 0, backend="torch"),
-        "stored-probes": lambda: hutchinson_update_(mean, m2, z, hz, 0),
     }
+    for backend in hutchinson_family.backends:  # the plain update, reading stored probes
+        if backend in hutchinson_family.available() and a.device in hutchinson_family.devices.get(backend, (a.device,)):
+            cases[f"stored-probes-{backend}"] = lambda backend=backend: hutchinson_update_(
+                mean, m2, z, hz, 0, backend=backend
+            )
     for backend in linear.seeded_family.backends:
         if backend in linear.seeded_family.available() and a.device in linear.seeded_family.devices.get(backend, (a.device,)):
             cases[backend] = lambda backend=backend: linear.hutchinson_update_seeded_(mean, m2, hz, 0, 0, 0, backend=backend)

@@ -1,4 +1,5 @@
-"""Runs the CUDA layer-norm and GELU 2-jet kernels on small awkward shapes, for compute-sanitizer (gpu_check.sh).
+"""Runs the CUDA layer-norm and GELU 2-jet kernels on small awkward shapes, for compute-sanitizer (gpu_check.sh);
+also the CUDA Hutchinson accumulation and one-hot weight tangent kernels (:func:`linear_main`).
 
     compute-sanitizer --tool memcheck python benchmarks/pointwise_sanitize.py
 Covers both layer-norm kernels (warp per row: D = 1, 97, 512; block per row: D = 513, 1025), with and
@@ -48,7 +49,53 @@ def main() -> int:
                 bad += not err < tol
                 print(f"gelu {dtype} {shape} N={n} {approximate} max_rel_err={err:.2e} {'ok' if err < tol else 'WRONG'}",
                       flush=True)
+    bad += linear_main()
     return 1 if bad else 0
+
+
+# --- linear / Hutchinson kernels (csrc/cuda/hutchinson_update.cu, csrc/cuda/onehot_weight_tangent.cu) ---
+
+
+def linear_main() -> int:
+    """The CUDA Hutchinson accumulation (plain and seeded: n not a multiple of the tile, k = 1 and 3, counts 0
+    and > 0) and one-hot weight tangents (zero directions, M = 1 and 97, out not a multiple of the warp,
+    2/4/8-byte elements); returns the number of wrong cases."""
+    from fasthess.kernels import hutchinson, linear
+
+    bad = 0
+    for dtype in (torch.float32, torch.float64):
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        for k, n, count in [(1, 1, 0), (3, 97, 5), (3, 1025, 0), (1, 4099, 2)]:
+            g = torch.Generator().manual_seed(n)
+            hz = torch.randn(k, n, generator=g, dtype=dtype)
+            mean0, m20 = torch.randn(n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+            z = linear.rademacher(3, 1, k, n, dtype=dtype)
+            want = [mean0.clone(), m20.clone()]
+            hutchinson.reference.hutchinson_update_(*want, z, hz, count)
+            for what in ("plain", "seeded"):
+                got = [mean0.cuda(), m20.cuda()]
+                if what == "plain":
+                    hutchinson.hutchinson_update_(*got, z.cuda(), hz.cuda(), count, backend="cuda")
+                else:
+                    linear.hutchinson_update_seeded_(*got, hz.cuda(), 3, 1, count, backend="cuda")
+                torch.cuda.synchronize()
+                err = _err(got, want)
+                bad += not err < tol
+                print(f"hutchinson_update {what} {dtype} k={k} n={n} count={count} max_rel_err={err:.2e} "
+                      f"{'ok' if err < tol else 'WRONG'}", flush=True)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for xshape, out, k in [((1, 3), 1, 2), ((97, 5), 33, 5), ((2, 3, 7), 130, 4)]:
+            x = torch.randn(xshape, generator=torch.Generator().manual_seed(0)).to(dtype)
+            rows = torch.arange(k) * 7 % out
+            rows[k // 2] = -1  # a zero direction
+            cols = torch.arange(k) % xshape[-1]
+            want = linear.onehot_weight_tangent_reference(x, rows, cols, out)
+            got = linear.onehot_weight_tangent(x.cuda(), rows.cuda(), cols.cuda(), out, backend="cuda")
+            torch.cuda.synchronize()
+            same = torch.equal(got.cpu(), want)
+            bad += not same
+            print(f"onehot_weight_tangent {dtype} x={xshape} out={out} K={k} {'ok' if same else 'WRONG'}", flush=True)
+    return bad
 
 
 if __name__ == "__main__":

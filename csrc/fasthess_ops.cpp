@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include "linear_checks.h"
+
 namespace fasthess {
 
 // Merge k samples s_j = z_j * hz_j into running (mean, m2) over `count` earlier
@@ -35,14 +37,7 @@ static void hutchinson_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_
 
 void hutchinson_update_cpu(at::Tensor mean, at::Tensor m2, const at::Tensor& z, const at::Tensor& hz,
                            int64_t count) {
-  TORCH_CHECK(mean.dim() == 1 && m2.sizes() == mean.sizes(), "mean and m2 must be 1-d of equal size");
-  TORCH_CHECK(z.dim() == 2 && hz.sizes() == z.sizes() && z.size(1) == mean.size(0),
-              "z and hz must be (k, n) with n = mean.numel()");
-  TORCH_CHECK(z.scalar_type() == mean.scalar_type() && hz.scalar_type() == mean.scalar_type() &&
-                  m2.scalar_type() == mean.scalar_type(),
-              "all tensors must share one dtype");
-  TORCH_CHECK(mean.is_contiguous() && m2.is_contiguous(), "mean and m2 must be contiguous");
-  TORCH_CHECK(count >= 0, "count must be >= 0");
+  check_hutchinson_update_inputs(mean, m2, z, hz, count);
   const auto zc = z.contiguous();
   const auto hzc = hz.contiguous();
   if (z.size(0) == 0) return;

@@ -1,4 +1,5 @@
-// Linear-layer tangent ops on the CPU. Specs: fasthess/kernels/linear/reference.py.
+// Linear-layer tangent ops on the CPU. Specs: fasthess/kernels/linear/reference.py; input checks shared
+// with the CUDA glue (linear_checks.h), the probe hash with the CUDA kernel (probe_hash.h).
 //  * onehot_weight_tangent: x E_kᵀ for one-hot weight directions, written straight into the output
 //    (no (K, out, in) seed, no matmul).
 //  * hutchinson_update_seeded_: the fused Hutchinson accumulation with Rademacher probes regenerated
@@ -12,24 +13,21 @@
 #include <cstdint>
 #include <vector>
 
+#include "linear_checks.h"
+#include "probe_hash.h"
+
 namespace fasthess {
 namespace {
 
 at::Tensor onehot_weight_tangent_cpu(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols,
                                      int64_t out_features) {
-  TORCH_CHECK(x.dim() >= 1, "x must be (..., in)");
-  TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes(), "rows and cols must be (K,) of equal size");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && cols.scalar_type() == at::kLong, "rows and cols must be int64");
-  TORCH_CHECK(out_features >= 0, "out_features must be >= 0");
+  check_onehot_weight_tangent_inputs(x, rows, cols, out_features);
   const int64_t in = x.size(-1), K = rows.size(0), M = in == 0 ? 0 : x.numel() / in;
   auto xc = x.contiguous();
   auto rc = rows.contiguous(), cc = cols.contiguous();
   const int64_t* r = rc.data_ptr<int64_t>();
   const int64_t* c = cc.data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(r[k] < out_features && (r[k] < 0 || (c[k] >= 0 && c[k] < in)),
-                "coordinate (", r[k], ", ", c[k], ") is outside the (", out_features, ", ", in, ") weight");
-  }
+  check_onehot_coordinates(r, c, K, out_features, in);
   std::vector<int64_t> shape{K};
   for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.push_back(x.size(d));
   shape.push_back(out_features);
@@ -50,23 +48,13 @@ at::Tensor onehot_weight_tangent_cpu(const at::Tensor& x, const at::Tensor& rows
   return out;
 }
 
-// Wellons' lowbias32; fasthess.kernels.linear.reference.hash32 is its twin.
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
 template <typename scalar_t>
 void seeded_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_t* hz, int64_t k, int64_t n, uint32_t seed_hash,
                           int64_t first_probe, int64_t count) {
   const double total = static_cast<double>(count + k);
   const double cross = static_cast<double>(count) * k / total;
   std::vector<uint32_t> probe_hash(k);
-  for (int64_t j = 0; j < k; ++j) probe_hash[j] = hash32(seed_hash + static_cast<uint32_t>(first_probe + j));
+  for (int64_t j = 0; j < k; ++j) probe_hash[j] = fasthess_hash::probe_key(seed_hash, first_probe + j);
   constexpr int64_t kTile = 256;  // coordinates per tile: the probe loop runs over a tile (vectorised hash)
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     double bmean[kTile], bm2[kTile];
@@ -78,7 +66,7 @@ void seeded_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_t* hz, int6
         const scalar_t* row = hz + j * n + i0;
         const double inv = 1.0 / static_cast<double>(j + 1);
         for (int64_t t = 0; t < len; ++t) {
-          const uint32_t bit = hash32(ph ^ static_cast<uint32_t>(i0 + t)) >> 31;
+          const uint32_t bit = fasthess_hash::probe_sign_bit(ph, i0 + t);
           const double s = (1.0 - 2.0 * static_cast<double>(bit)) * static_cast<double>(row[t]);
           const double d = s - bmean[t];
           bmean[t] += d * inv;
@@ -97,16 +85,10 @@ void seeded_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_t* hz, int6
 
 void hutchinson_update_seeded_cpu(at::Tensor mean, at::Tensor m2, const at::Tensor& hz, int64_t seed,
                                   int64_t first_probe, int64_t count) {
-  TORCH_CHECK(mean.dim() == 1 && m2.sizes() == mean.sizes(), "mean and m2 must be 1-d of equal size");
-  TORCH_CHECK(hz.dim() == 2 && hz.size(1) == mean.size(0), "hz must be (k, n) with n = mean.numel()");
-  TORCH_CHECK(hz.scalar_type() == mean.scalar_type() && m2.scalar_type() == mean.scalar_type(),
-              "all tensors must share one dtype");
-  TORCH_CHECK(mean.is_contiguous() && m2.is_contiguous(), "mean and m2 must be contiguous");
-  TORCH_CHECK(count >= 0 && first_probe >= 0, "count and first_probe must be >= 0");
-  TORCH_CHECK(hz.size(1) <= (int64_t(1) << 32), "at most 2^32 coordinates per tensor");
+  check_hutchinson_update_seeded_inputs(mean, m2, hz, first_probe, count);
   const auto hzc = hz.contiguous();
   if (hz.size(0) == 0) return;
-  const uint32_t seed_hash = hash32(static_cast<uint32_t>(seed & 0xFFFFFFFF));
+  const uint32_t seed_hash = fasthess_hash::hash32(static_cast<uint32_t>(seed & 0xFFFFFFFF));
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "hutchinson_update_seeded_", [&] {
     seeded_update_kernel<scalar_t>(mean.data_ptr<scalar_t>(), m2.data_ptr<scalar_t>(), hzc.data_ptr<scalar_t>(),
                                    hz.size(0), hz.size(1), seed_hash, first_probe, count);

@@ -216,3 +216,151 @@ def test_fwd_rev_hutchinson_routed_through_triton_equals_double_backward(monkeyp
     for name in plain.layers:
         a, b = routed.layers[name].values, plain.layers[name].values
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+
+
+# --- linear / Hutchinson kernels (fasthess/kernels/linear, fasthess/kernels/hutchinson): Triton and CUDA ---
+
+LINEAR_GPU_BACKENDS = ["triton", "cuda"]
+
+
+def _linear_families():
+    from fasthess.kernels import hutchinson, linear
+
+    return linear.onehot_family, linear.seeded_family, hutchinson.family
+
+
+def test_linear_gpu_backends_available_and_auto_picks_triton() -> None:
+    for fam in _linear_families():
+        for backend in LINEAR_GPU_BACKENDS:
+            assert backend in fam.available(), f"{backend} {fam.name} is not available (available: {fam.available()})"
+        assert fam.select("auto", "cuda", torch.float64)[0] == "triton"
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_gpu_probes_bit_identical_to_the_cpu(backend: str) -> None:
+    """A probe regenerated on the GPU (float32 and float64 statistics) is the CPU's, bit for bit."""
+    from test_kernels_linear import PROBE_STREAMS, probe_of
+
+    from fasthess.kernels.linear import rademacher
+
+    for seed, first in PROBE_STREAMS:
+        want = rademacher(seed, first, 1, 4099)[0]  # the CPU reference; the cpp kernel is checked against it
+        for dtype in (torch.float32, torch.float64):
+            got = probe_of(backend, seed, first, 4099, dtype=dtype, device="cuda").cpu()
+            assert torch.equal(got, want.to(dtype)), (backend, seed, first, dtype)
+        assert torch.equal(rademacher(seed, first, 1, 4099, device="cuda").cpu()[0], want)  # the torch path on the GPU
+
+
+SEEDED_GPU_SHAPES = [(1, 1), (3, 97), (5, 1025), (8, 300_001)]
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k,n", SEEDED_GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("count", [0, 7])
+def test_gpu_seeded_and_plain_updates_match_reference(backend: str, dtype, k: int, n: int, count: int) -> None:
+    from tolerances import KERNEL_VS_REFERENCE
+
+    from fasthess.kernels.hutchinson import hutchinson_update_
+    from fasthess.kernels.hutchinson.reference import hutchinson_update_ as plain_reference
+    from fasthess.kernels.linear import hutchinson_update_seeded_, rademacher
+
+    g = torch.Generator().manual_seed(k + n)
+    hz = torch.randn(k, n, generator=g, dtype=dtype)
+    mean0, m20 = torch.randn(n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+    z = rademacher(11, 3, k, n, dtype=dtype)
+    want = [mean0.clone(), m20.clone()]
+    plain_reference(*want, z, hz, count)
+    rtol, atol = KERNEL_VS_REFERENCE[dtype]
+    seeded = [mean0.cuda(), m20.cuda()]
+    assert hutchinson_update_seeded_(*seeded, hz.cuda(), 11, 3, count, backend=backend) == backend
+    plain = [mean0.cuda(), m20.cuda()]
+    assert hutchinson_update_(*plain, z.cuda(), hz.cuda(), count, backend=backend) == backend
+    torch.cuda.synchronize()
+    for what, got in (("seeded", seeded), ("plain", plain)):
+        for name, a, b in zip(("mean", "m2"), got, want):
+            torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol, msg=lambda m: f"{backend} {what} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("xshape,out,k", [((1, 1), 1, 1), ((1, 5), 3, 4), ((97, 6), 1025, 5), ((2, 5, 7), 130, 9),
+                                          ((4099, 64), 64, 3)], ids=str)
+def test_gpu_onehot_matches_reference(backend: str, dtype, xshape, out: int, k: int) -> None:
+    from test_kernels_linear import _coords
+
+    from fasthess.kernels.linear import onehot_weight_tangent, onehot_weight_tangent_reference
+
+    x = torch.randn(xshape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rows, cols = _coords(k, out, xshape[-1])  # rows[k // 2] = -1: a zero direction
+    want = onehot_weight_tangent_reference(x, rows, cols, out)
+    got = onehot_weight_tangent(x.cuda(), rows.cuda(), cols.cuda(), out, backend=backend)
+    torch.cuda.synchronize()
+    assert got.shape == want.shape and got.dtype == dtype and got.device.type == "cuda"
+    assert torch.equal(got.cpu(), want)  # a copy: exact
+
+
+def test_cuda_linear_opcheck_and_errors() -> None:
+    """Schemas, fake functions and the input checks shared with the CPU ops (csrc/linear_checks.h)."""
+    from test_kernels_linear import _coords
+
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device="cuda")
+    rows, cols = (t.cuda() for t in _coords(6, 7, 5))
+    torch.library.opcheck(torch.ops.fasthess.onehot_weight_tangent.default, (x, rows, cols, 7))
+    with pytest.raises(RuntimeError, match="outside the \\(7, 5\\) weight"):
+        torch.ops.fasthess.onehot_weight_tangent(x, torch.full_like(rows[:1], 7), torch.zeros_like(cols[:1]), 7)
+    with pytest.raises(RuntimeError, match="on x's device"):
+        torch.ops.fasthess.onehot_weight_tangent(x, rows.cpu(), cols.cpu(), 7)
+    mean, m2 = torch.zeros(11, dtype=torch.float64, device="cuda"), torch.rand(11, dtype=torch.float64, device="cuda")
+    z = torch.ones(3, 11, dtype=torch.float64, device="cuda")
+    hz = torch.randn(3, 11, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(torch.ops.fasthess.hutchinson_update_seeded_.default, (mean, m2, hz, 5, 2, 4))
+    torch.library.opcheck(torch.ops.fasthess.hutchinson_update_.default, (mean, m2, z, hz, 4))
+    with pytest.raises(RuntimeError, match="\\(k, n\\)"):
+        torch.ops.fasthess.hutchinson_update_(mean, m2, z[:, :4], hz[:, :4], 0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.fasthess.hutchinson_update_seeded_(mean, m2, hz.float(), 5, 2, 4)
+    with pytest.raises(RuntimeError, match="takes float32 or float64"):
+        torch.ops.fasthess.hutchinson_update_seeded_(mean.half(), m2.half(), hz.half(), 5, 2, 4)
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_diag_on_cuda_same_for_every_linear_backend(backend: str) -> None:
+    """fasthess.diag on a CUDA MLP: Hutchinson (the accumulation) and sampled entries (one-hot weight tangents)
+    through each GPU backend give the torch backend's result."""
+    from tolerances import KERNEL_VS_REFERENCE
+
+    import fasthess
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double().cuda()
+    x, y = torch.randn(10, 7, dtype=torch.float64, device="cuda"), torch.randint(0, 3, (10,), device="cuda")
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    for kw in (dict(method="hutchinson", num_probes=9), dict(num_samples=20, engine="tangent_adjoint")):
+        got = fasthess.diag(model, loss, backend=backend, **kw)
+        want = fasthess.diag(model, loss, backend="torch", **kw)
+        assert got.meta["backend"] == backend, (kw, got.meta)
+        rtol, atol = KERNEL_VS_REFERENCE[torch.float64]
+        for name in want:
+            torch.testing.assert_close(got[name].values, want[name].values, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{kw} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_gpu_seeded_update_stores_no_probes(backend: str) -> None:
+    """The seeded kernels hash the probes in the pass over hz: the call allocates nothing (torch: the (k, n) probes)."""
+    from fasthess.kernels.linear import hutchinson_update_seeded_
+
+    k, n = 8, 1 << 20
+    hz = torch.randn(k, n, dtype=torch.float64, device="cuda")
+    mean, m2 = torch.zeros(n, dtype=torch.float64, device="cuda"), torch.zeros(n, dtype=torch.float64, device="cuda")
+    hutchinson_update_seeded_(mean, m2, hz, 1, 0, 0, backend=backend)  # compile / warm up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    hutchinson_update_seeded_(mean, m2, hz, 1, k, k, backend=backend)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == base, torch.cuda.max_memory_allocated() - base

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,78 @@ def test_backends_give_the_same_diag_end_to_end(backend: str) -> None:
     for name in a:
         torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(a[name].stderr, b[name].stderr, rtol=1e-12, atol=1e-14)
+
+
+# --- the Triton kernel (a GPU backend) as far as a CPU can check it: under TRITON_INTERPRET=1 and compiled
+# to PTX for sm_90; the CUDA kernel is compiled by tests/test_kernels_attention.py ---
+
+_INTERPRET_SCRIPT = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+sys.path.insert(0, {tests!r})
+import torch
+from tolerances import KERNEL_VS_REFERENCE
+from test_kernels_hutchinson import _inputs
+from fasthess.kernels.hutchinson.reference import hutchinson_update_
+from fasthess.kernels.hutchinson.triton_kernels import hutchinson_update_triton
+ok = 0
+for dtype in (torch.float32, torch.float64):
+    rtol, atol = KERNEL_VS_REFERENCE[dtype]
+    for n in (1, 97, 1025):
+        for k in (1, 3):
+            for count in (0, 7):
+                want = _inputs(k, n, dtype, seed=n + k)
+                got = [t.clone() for t in want]
+                hutchinson_update_(*want, count)
+                hutchinson_update_triton(*got, count)
+                for a, b in zip(got[:2], want[:2]):
+                    what = f"{{dtype}} {{k}} {{n}} {{count}}"
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{{what}}: {{m}}")
+                ok += 1
+# float32 samples into float64 statistics (the estimators' case): converted on load, as the cpp backend does
+mean, m2, z, hz = _inputs(3, 97, torch.float64)
+want, got = [mean.clone(), m2.clone()], [mean.clone(), m2.clone()]
+hutchinson_update_(*want, z, hz.float().double(), 5)
+hutchinson_update_triton(*got, z.float(), hz.float(), 5)
+torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+print("ok", ok + 1)
+"""
+
+
+def test_triton_kernel_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root, OMP_NUM_THREADS="1")
+    script = _INTERPRET_SCRIPT.format(tests=os.path.join(root, "tests"))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok 25" in res.stdout  # 24 shapes, dtypes and counts + mixed dtypes
+
+
+def test_triton_kernel_rejects_statistics_it_cannot_update_in_place() -> None:
+    pytest.importorskip("triton")
+    from fasthess.kernels.hutchinson.triton_kernels import hutchinson_update_triton
+
+    mean, m2, z, hz = _inputs(2, 6, torch.float64)
+    with pytest.raises(ValueError, match="contiguous"):
+        hutchinson_update_triton(torch.zeros(12, dtype=torch.float64)[::2], m2, z, hz, 0)
+    with pytest.raises(ValueError, match="hz must be"):
+        hutchinson_update_triton(mean, m2, z[:, :4], hz[:, :4], 0)
+
+
+@pytest.mark.parametrize("acc,samples", [("fp32", "fp32"), ("fp64", "fp32"), ("fp64", "fp64")])
+def test_triton_kernel_compiles_to_ptx_for_sm90(acc: str, samples: str) -> None:
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fasthess.kernels.hutchinson.triton_kernels import BLOCK, _hutchinson_update_kernel as kernel
+
+    const = dict(ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=BLOCK)
+    sig = {"MEAN": f"*{acc}", "M2": f"*{acc}", "Z": f"*{samples}", "HZ": f"*{samples}", "N": "i32", "K": "i32",
+           "count": "i32"} | {c: "constexpr" for c in const}
+    names = kernel.arg_names
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert ".target sm_90" in ptx and ".entry _hutchinson_update_kernel" in ptx

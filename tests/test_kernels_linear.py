@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from tolerances import KERNEL_VS_REFERENCE, RADEMACHER_AGREEMENT_BAND, RADEMACHER_MEAN_BOUND
@@ -169,3 +173,134 @@ def test_sampled_diag_identical_for_every_onehot_backend(backend: str, case_name
     for name in want:
         assert torch.equal(got[name].indices, want[name].indices)
         torch.testing.assert_close(got[name].values, want[name].values, rtol=1e-12, atol=1e-14)
+
+
+# --- GPU backends (triton, cuda) as far as a CPU can check them: bit-identical probes on every CPU backend,
+# device registration, the Triton kernels under TRITON_INTERPRET=1 and compiled to PTX for sm_90 ---
+
+PROBE_STREAMS = [(0, 0), (11, 3), (2**40 + 7, 2**32 - 2), (-5, 9)]  # seeds / first probes past 32 bits wrap
+
+
+def probe_of(backend: str, seed: int, first_probe: int, n: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Probe ``first_probe`` of ``seed`` as a backend draws it: one sample with ``hz = 1`` into empty statistics
+    leaves ``mean = z`` exactly."""
+    mean, m2 = torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device)
+    hz = torch.ones(1, n, dtype=dtype, device=device)
+    hutchinson_update_seeded_(mean, m2, hz, seed, first_probe, 0, backend=backend)
+    return mean
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cpu_backends_draw_bit_identical_probes(backend: str) -> None:
+    if backend not in seeded_family.available():
+        pytest.skip(f"{backend} not built")
+    for seed, first in PROBE_STREAMS:
+        assert torch.equal(probe_of(backend, seed, first, 1025), rademacher(seed, first, 1, 1025)[0]), (seed, first)
+
+
+def test_gpu_backends_registered_for_cuda_tensors_only() -> None:
+    from fasthess.kernels.hutchinson import family as plain_family
+
+    for fam in (onehot_family, seeded_family, plain_family):
+        assert list(fam.backends)[:3] == ["triton", "cuda", "cpp"], fam.name  # "auto" order
+        assert fam.devices["triton"] == fam.devices["cuda"] == ("cuda",) and fam.devices["cpp"] == ("cpu",)
+        assert fam.select("auto", "cpu")[0] == ("cpp" if "cpp" in fam.available() else "torch")
+        for backend in ("triton", "cuda"):  # no GPU here, or CPU tensors
+            with pytest.raises(BackendUnavailableError):
+                fam.select(backend, "cpu")
+    if not torch.cuda.is_available():
+        assert seeded_family.select("auto", "cuda")[0] == "torch"
+    if "cpp" in plain_family.available():  # the CPU kernel no longer takes (and quietly mishandles) CUDA tensors
+        with pytest.raises(BackendUnavailableError, match="runs on"):
+            plain_family.select("cpp", "cuda")
+
+
+_INTERPRET_SCRIPT = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+sys.path.insert(0, {tests!r})
+import torch
+from tolerances import KERNEL_VS_REFERENCE
+from test_kernels_linear import PROBE_STREAMS, _coords
+from fasthess.kernels.linear.reference import hutchinson_update_seeded_, onehot_weight_tangent, rademacher
+from fasthess.kernels.linear.triton_kernels import hutchinson_update_seeded_triton, onehot_weight_tangent_triton
+ok = 0
+for seed, first in PROBE_STREAMS:  # probes bit-identical to the reference hash
+    mean, m2 = torch.zeros(1025, dtype=torch.float64), torch.zeros(1025, dtype=torch.float64)
+    hutchinson_update_seeded_triton(mean, m2, torch.ones(1, 1025, dtype=torch.float64), seed, first, 0)
+    assert torch.equal(mean, rademacher(seed, first, 1, 1025)[0]), (seed, first)
+    ok += 1
+for dtype in (torch.float32, torch.float64):
+    rtol, atol = KERNEL_VS_REFERENCE[dtype]
+    for n in (1, 97, 1025):
+        for k in (1, 3):
+            for count in (0, 7):
+                g = torch.Generator().manual_seed(n + k)
+                hz = torch.randn(k, n, generator=g, dtype=dtype)
+                mean0, m20 = torch.randn(n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+                want, got = [mean0.clone(), m20.clone()], [mean0.clone(), m20.clone()]
+                hutchinson_update_seeded_(*want, hz, 11, 3, count)
+                hutchinson_update_seeded_triton(*got, hz, 11, 3, count)
+                for a, b in zip(got, want):
+                    what = f"seeded {{dtype}} {{k}} {{n}} {{count}}"
+                    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{{what}}: {{m}}")
+                ok += 1
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for xshape, out, kk in [((1, 5), 3, 4), ((97, 6), 130, 5), ((2, 3, 7), 17, 9)]:  # 130: a partial column tile
+        x = torch.randn(xshape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        rows, cols = _coords(kk, out, xshape[-1])
+        rows[0] = -1
+        got, want = onehot_weight_tangent_triton(x, rows, cols, out), onehot_weight_tangent(x, rows, cols, out)
+        assert got.shape == want.shape and got.dtype == dtype and torch.equal(got, want), (dtype, xshape, out)
+        ok += 1
+print("ok", ok)
+"""
+
+
+def _run_interpreted(script: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", script.format(tests=os.path.join(root, "tests"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def test_triton_kernels_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    assert "ok 37" in _run_interpreted(_INTERPRET_SCRIPT)  # 4 probe streams, 24 seeded cases, 9 one-hot cases
+
+
+def _compile_sm90(kernel, signature: dict, constexprs: dict) -> str:
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = signature | {c: "constexpr" for c in constexprs}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+@pytest.mark.parametrize("acc,base", [("fp32", "i32"), ("fp64", "i64")])  # a base below 2^31 is passed as i32
+def test_triton_seeded_kernel_compiles_to_ptx_for_sm90(acc: str, base: str) -> None:
+    pytest.importorskip("triton")
+    import triton.language as tl
+
+    from fasthess.kernels.linear.triton_kernels import BLOCK, _seeded_update_kernel as kernel
+
+    sig = {"MEAN": f"*{acc}", "M2": f"*{acc}", "HZ": "*fp32", "N": "i64", "K": "i32", "BASE": base, "count": "i64"}
+    ptx = _compile_sm90(kernel, sig, dict(ACC=getattr(tl, "float64" if acc == "fp64" else "float32"), BLOCK=BLOCK))
+    assert ".target sm_90" in ptx and ".entry _seeded_update_kernel" in ptx
+    assert "shr.u32" in ptx and "shr.s32" not in ptx  # the hash's shifts are logical (uint32), as in C++
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
+def test_triton_onehot_kernel_compiles_to_ptx_for_sm90(dtype: str) -> None:
+    pytest.importorskip("triton")
+    from fasthess.kernels.linear.triton_kernels import _onehot_kernel as kernel
+
+    sig = {"X": f"*{dtype}", "ROWS": "*i64", "COLS": "*i64", "Y": f"*{dtype}", "KM": "i64", "M": "i64", "IN": "i32",
+           "OUT": "i32"}
+    ptx = _compile_sm90(kernel, sig, dict(BLOCK_R=32, BLOCK_O=128))
+    assert ".target sm_90" in ptx and ".entry _onehot_kernel" in ptx

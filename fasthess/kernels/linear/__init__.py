@@ -1,12 +1,16 @@
 """Linear-layer tangent kernels: batched 2-jets sharing the primal weight, one-hot weight seeds, and
 the Hutchinson accumulation with probes regenerated from a seed.
 
-Families (backend ``"auto"`` takes the first available for the tensors' device):
+Families (backend ``"auto"`` takes the first available for the tensors' device, in this order):
 
-* ``onehot_weight_tangent``: ``cpp`` (CPU, writes the output directly), ``torch`` (an indexed copy,
-  any device); the reference builds the dense ``(K, out, in)`` seeds.
-* ``hutchinson_update_seeded_``: ``cpp`` (CPU, probes regenerated per coordinate, never stored),
-  ``torch`` (regenerates the ``(k, n)`` probes, then the plain update).
+* ``onehot_weight_tangent``: ``triton`` (CUDA, :mod:`.triton_kernels`: the output written once, in
+  tiles), ``cuda`` (CUDA, ``csrc/cuda/onehot_weight_tangent.cu``), ``cpp`` (CPU, writes the output
+  directly), ``torch`` (an indexed copy, any device); the reference builds the dense ``(K, out, in)`` seeds.
+* ``hutchinson_update_seeded_``: ``triton`` (CUDA), ``cuda`` (CUDA, ``csrc/cuda/hutchinson_update.cu``),
+  ``cpp`` (CPU) — each regenerates the probes per coordinate in the pass over ``hz`` and never stores
+  them; float32/float64 statistics for ``cuda`` and ``cpp`` — and ``torch`` (regenerates the ``(k, n)``
+  probes, then the plain update). Every backend draws bit-identical probes (one hash, ``csrc/probe_hash.h``
+  and its twins), so a probe can be regenerated on any device.
 
 The spec of each is in :mod:`.reference`.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available
+from ..registry import KernelFamily, cuda_op_available, op_available, triton_available
 from .reference import hutchinson_update_seeded_ as _seeded_reference
 from .reference import linear_jet2 as linear_jet2_reference
 from .reference import onehot_weight_tangent as onehot_weight_tangent_reference
@@ -29,6 +33,20 @@ __all__ = [
 
 onehot_family = KernelFamily("onehot_weight_tangent")
 seeded_family = KernelFamily("hutchinson_update_seeded_")
+_FLOATS = (torch.float32, torch.float64)
+_TRITON = f"{__name__}.triton_kernels"
+
+
+@onehot_family.register("triton", available=lambda: triton_available(_TRITON), devices=("cuda",))
+def _onehot_triton(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
+    from .triton_kernels import onehot_weight_tangent_triton
+
+    return onehot_weight_tangent_triton(x, rows, cols, out_features)
+
+
+@onehot_family.register("cuda", available=lambda: cuda_op_available("onehot_weight_tangent"), devices=("cuda",))
+def _onehot_cuda(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
+    return torch.ops.fasthess.onehot_weight_tangent(x, rows, cols, out_features)
 
 
 @onehot_family.register("cpp", available=lambda: op_available("onehot_weight_tangent"), devices=("cpu",))
@@ -48,7 +66,21 @@ def _onehot_torch(x: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> T
     return out.view(k, *x.shape[:-1], out_features)
 
 
-@seeded_family.register("cpp", available=lambda: op_available("hutchinson_update_seeded_"), devices=("cpu",))
+@seeded_family.register("triton", available=lambda: triton_available(_TRITON), devices=("cuda",))
+def _seeded_triton(mean: Tensor, m2: Tensor, hz: Tensor, seed: int, first_probe: int, count: int) -> None:
+    from .triton_kernels import hutchinson_update_seeded_triton
+
+    hutchinson_update_seeded_triton(mean, m2, hz, seed, first_probe, count)
+
+
+@seeded_family.register("cuda", available=lambda: cuda_op_available("hutchinson_update_seeded_"), devices=("cuda",),
+                        dtypes=_FLOATS)
+def _seeded_cuda(mean: Tensor, m2: Tensor, hz: Tensor, seed: int, first_probe: int, count: int) -> None:
+    torch.ops.fasthess.hutchinson_update_seeded_(mean, m2, hz.to(mean.dtype), seed, first_probe, count)
+
+
+@seeded_family.register("cpp", available=lambda: op_available("hutchinson_update_seeded_"), devices=("cpu",),
+                        dtypes=_FLOATS)
 def _seeded_cpp(mean: Tensor, m2: Tensor, hz: Tensor, seed: int, first_probe: int, count: int) -> None:
     torch.ops.fasthess.hutchinson_update_seeded_(mean, m2, hz.to(mean.dtype), seed, first_probe, count)
 
@@ -63,7 +95,7 @@ def onehot_weight_tangent(x: Tensor, rows: Tensor, cols: Tensor, out_features: i
         x: ``(..., in)`` layer input.
         rows, cols: ``(K,)`` int64 weight coordinates (``rows[k] = -1``: a zero direction).
         out_features: rows of the ``(out, in)`` weight.
-        backend: ``"auto"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``(K, ..., out)``, zero except ``[k, ..., rows[k]] = x[..., cols[k]]``.
@@ -130,7 +162,7 @@ def hutchinson_update_seeded_(
         >>> mean.tolist()
         [3.0, 3.0, 3.0, 3.0]
     """
-    name, fn = seeded_family.select(backend, mean.device.type)
+    name, fn = seeded_family.select(backend, mean.device.type, mean.dtype)
     fn(mean, m2, hz, seed, first_probe, count)
     return name
 

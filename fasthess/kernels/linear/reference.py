@@ -73,7 +73,10 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 
 
 def hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding uint32 values; the C++ kernel's twin."""
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding uint32 values.
+
+    Twin of ``csrc/probe_hash.h`` (the C++ and CUDA kernels) and of the Triton kernels' ``_hash32``.
+    """
     x = x & _M32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
