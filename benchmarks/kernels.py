@@ -178,11 +178,11 @@ def crossentropy_cases(a, t: int, h: int, n: int, dtype):
     """
     from fasthess.kernels import loss
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=a.device).manual_seed(0)  # drawn on the device: GBs of tangents at V = 32768
     vocab = a.vocab or (32768 if a.device == "cuda" else 8192)
-    z = torch.randn(a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype)
-    y = torch.randint(0, vocab, (a.B * t,), generator=g).to(a.device)
-    z1, z2 = (torch.randn(n, a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype) for _ in range(2))
+    z = torch.randn(a.B * t, vocab, generator=g, device=a.device).to(dtype)
+    y = torch.randint(0, vocab, (a.B * t,), generator=g, device=a.device)
+    z1, z2 = (torch.randn(n, a.B * t, vocab, generator=g, device=a.device).to(dtype) for _ in range(2))
     nbytes = (1 + 2 * n) * a.B * t * vocab * z.element_size()
     backends = [b for b in loss.family.backends
                 if b in loss.family.available() and a.device in loss.family.devices.get(b, (a.device,))]

@@ -96,8 +96,8 @@ def cross_entropy_jet2(
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> z, z1, z2 = torch.randn(3, 4, 7, generator=g, dtype=torch.float64).split([1, 2, 1])
-        >>> z, z2 = z[0], z2.expand(2, 4, 7)  # z (4, 7); K = 2 tangent pairs (4, 7)
+        >>> z = torch.randn(4, 7, generator=g, dtype=torch.float64)  # N = 4 rows, V = 7
+        >>> z1, z2 = torch.randn(2, 2, 4, 7, generator=g, dtype=torch.float64).unbind()  # K = 2 tangent pairs
         >>> y = torch.tensor([1, 6, -100, 0])
         >>> got, want = cross_entropy_jet2(z, y, z1, z2), cross_entropy_jet2_reference(z, y, z1, z2)
         >>> all(torch.allclose(a, b) for a, b in zip(got, want))
