@@ -7,8 +7,9 @@ weight tangents of a linear layer, ``B·T`` rows of width ``H·D``; reference: d
 ``seeded`` (Hutchinson accumulation of ``N`` probes over ``T·4096`` coordinates with probes
 regenerated from the seed, every seeded backend; reference: torch regeneration + update; rows
 ``stored-probes-<backend>``: the plain update of every backend reading the probes from memory),
-``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of 8192 logits; reference: nested jvp),
-``layernorm`` and ``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
+``crossentropy`` (2-jet of the mean cross-entropy of ``B·T`` rows of ``--vocab`` logits, default 8192 on the
+CPU and 32768 on CUDA, each backend also with ``z2=None``; reference: nested jvp), ``layernorm`` and
+``gelu`` (2-jets of layer norm / erf GELU on ``B·T`` rows of width ``H·D``; reference: nested jvp
 on the decomposition).
 
 The Triton attention kernel has one row per precision of its float32 tile products
@@ -174,19 +175,28 @@ def seeded_cases(a, t: int, h: int, n: int, dtype):
 
 
 def crossentropy_cases(a, t: int, h: int, n: int, dtype):
-    """Cross-entropy 2-jet over B·T rows of a 8192-word vocabulary, N logit tangent pairs."""
+    """Cross-entropy 2-jet over B·T rows of a ``--vocab`` vocabulary, N logit tangent pairs.
+
+    Each backend also runs with ``z2=None`` (rows ``<backend>-z2none``: zero second-order tangents, not read,
+    as the fused rule calls it), compared with ``reference-z2none`` (the reference with zeros); the minimal
+    bytes count the z2 read for every row.
+    """
     from fasthess.kernels import loss
 
-    g = torch.Generator().manual_seed(0)
-    vocab = 8192
-    z = torch.randn(a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype)
-    y = torch.randint(0, vocab, (a.B * t,), generator=g).to(a.device)
-    z1, z2 = (torch.randn(n, a.B * t, vocab, generator=g).to(device=a.device, dtype=dtype) for _ in range(2))
+    g = torch.Generator(device=a.device).manual_seed(0)  # drawn on the device: GBs of tangents at V = 32768
+    vocab = a.vocab or (32768 if a.device == "cuda" else 8192)
+    z = torch.randn(a.B * t, vocab, generator=g, device=a.device).to(dtype)
+    y = torch.randint(0, vocab, (a.B * t,), generator=g, device=a.device)
+    z1, z2 = (torch.randn(n, a.B * t, vocab, generator=g, device=a.device).to(dtype) for _ in range(2))
     nbytes = (1 + 2 * n) * a.B * t * vocab * z.element_size()
+    backends = [b for b in loss.family.backends
+                if b in loss.family.available() and a.device in loss.family.devices.get(b, (a.device,))]
     cases = {"reference": lambda: loss.cross_entropy_jet2_reference(z, y, z1, z2)}
-    for backend in loss.family.backends:
-        if backend in loss.family.available() and a.device in loss.family.devices.get(backend, (a.device,)):
-            cases[backend] = lambda backend=backend: loss.cross_entropy_jet2(z, y, z1, z2, backend=backend)
+    for backend in backends:
+        cases[backend] = lambda backend=backend: loss.cross_entropy_jet2(z, y, z1, z2, backend=backend)
+    cases["reference-z2none"] = lambda: loss.cross_entropy_jet2_reference(z, y, z1, None)
+    for backend in backends:
+        cases[f"{backend}-z2none"] = lambda backend=backend: loss.cross_entropy_jet2(z, y, z1, None, backend=backend)
     return cases, None, nbytes, n
 
 
@@ -227,7 +237,8 @@ CASES = {"attention": attention_cases, "onehot": onehot_cases, "seeded": seeded_
 
 
 def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int, rows: list, extra: dict) -> None:
-    """Time every case (reference first) and append one row per backend."""
+    """Time every case (reference first) and append one row per backend; a case named ``reference-...`` is the
+    reference of the cases after it."""
     ref_time = ref_mem = ref_out = None
     for backend, fn in cases.items():
         try:
@@ -239,7 +250,7 @@ def run_cases(a, op: str, t: int, cases: dict, flops, nbytes: int, n_items: int,
                 torch.cuda.empty_cache()
             continue
         err = None
-        if backend == "reference":
+        if backend.startswith("reference"):
             ref_time, ref_mem, ref_out = sec, peak, out
         elif ref_out is not None and isinstance(out, (tuple, torch.Tensor)):
             # largest deviation from the reference output, relative to its largest entry, over all outputs
@@ -277,6 +288,7 @@ def main() -> None:
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--N", type=int, default=None, help="tangent pairs per call (default: cuda 8, cpu 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--vocab", type=int, default=None, help="crossentropy vocabulary (default: cuda 32768, cpu 8192)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ops", default="attention,onehot,seeded,crossentropy,layernorm,gelu")
     p.add_argument("--repeats", type=int, default=5)

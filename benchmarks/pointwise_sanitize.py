@@ -1,10 +1,11 @@
-"""Runs the CUDA layer-norm and GELU 2-jet kernels on small awkward shapes, for compute-sanitizer (gpu_check.sh);
-also the CUDA Hutchinson accumulation and one-hot weight tangent kernels (:func:`linear_main`).
+"""Runs the CUDA layer-norm, GELU and cross-entropy 2-jet kernels on small awkward shapes, for compute-sanitizer
+(gpu_check.sh); also the CUDA Hutchinson accumulation and one-hot weight tangent kernels (:func:`linear_main`).
 
     compute-sanitizer --tool memcheck python benchmarks/pointwise_sanitize.py
 Covers both layer-norm kernels (warp per row: D = 1, 97, 512; block per row: D = 513, 1025), with and
-without weight/bias, and both GELU forms, in float32 and float64. Prints one line per case and exits
-non-zero if an output is wrong.
+without weight/bias, both GELU forms, and the cross-entropy kernel (V = 1, 97, 1025, 4099: 64 to 512
+threads per block; 1, 2 and 4 tangents per block, a partial last one; with and without z2, ignored rows) in
+float32 and float64. Prints one line per case and exits non-zero if an output is wrong.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from test_kernels_gelu import inputs as gelu_inputs  # noqa: E402
 from test_kernels_layer_norm import EPS, inputs as layer_norm_inputs  # noqa: E402
+from test_kernels_loss import inputs as loss_inputs  # noqa: E402
 
-from fasthess.kernels import gelu, layer_norm  # noqa: E402
+from fasthess.kernels import gelu, layer_norm, loss  # noqa: E402
 
 
 def _err(got, want) -> float:
@@ -49,6 +51,17 @@ def main() -> int:
                 bad += not err < tol
                 print(f"gelu {dtype} {shape} N={n} {approximate} max_rel_err={err:.2e} {'ok' if err < tol else 'WRONG'}",
                       flush=True)
+        # up to 4 tangents per block once N · blocks per row >= 2 · SMs (H200: 264): N = 300 at K = 2 and 5
+        for k, n, v, second in [(1, 1, 1, True), (2, 3, 97, False), (5, 4, 1025, True), (3, 2, 4099, False),
+                                (2, 300, 33, True), (5, 300, 97, False)]:
+            z, y, z1, z2 = loss_inputs(k, n, v, dtype, device="cuda")
+            want = loss.cross_entropy_jet2_reference(z.double(), y, z1.double(), z2.double() if second else None)
+            got = loss.cross_entropy_jet2(z, y, z1, z2 if second else None, backend="cuda")
+            torch.cuda.synchronize()
+            err = _err(got, want)
+            bad += not err < tol
+            print(f"cross_entropy {dtype} K={k} N={n} V={v} z2={second} max_rel_err={err:.2e} "
+                  f"{'ok' if err < tol else 'WRONG'}", flush=True)
     bad += linear_main()
     return 1 if bad else 0
 

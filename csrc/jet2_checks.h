@@ -68,4 +68,20 @@ inline void check_gelu_jet2_inputs(const at::Tensor& x, const at::Tensor& x1, co
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
 }
 
+// z (N, V) with V > 0; y (N,) int64 on z's device; z1 (K, N, V) and z2 (z1's shape, or none) of z's dtype and
+// device. The targets' range is the kernels' business (the CPU kernel checks it in its pass over the rows).
+inline void check_cross_entropy_jet2_inputs(const at::Tensor& z, const at::Tensor& y, const at::Tensor& z1,
+                                            const std::optional<at::Tensor>& z2) {
+  TORCH_CHECK(z.dim() == 2 && z.size(1) > 0, "z must be (N, V) logits with V > 0");
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == z.size(0) && y.scalar_type() == at::kLong, "y must be (N,) int64");
+  TORCH_CHECK(y.device() == z.device(), "y must be on z's device");
+  TORCH_CHECK(z1.dim() == 3 && z1.sizes().slice(1) == z.sizes(), "z1 must be (K, N, V) with (N, V) = z.shape");
+  TORCH_CHECK(!z2.has_value() || z2->sizes() == z1.sizes(), "z2 must be None or of z1's shape (K, N, V)");
+  for (const at::Tensor* t : {&z1, z2.has_value() ? &*z2 : &z1}) {
+    TORCH_CHECK(t->scalar_type() == z.scalar_type(), "z, z1, z2 must share one dtype");
+    TORCH_CHECK(t->device() == z.device(), "z, z1, z2 must be on one device");
+  }
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "z must be floating point, got ", z.scalar_type());
+}
+
 }  // namespace fasthess

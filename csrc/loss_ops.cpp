@@ -1,30 +1,30 @@
 // 2-jet of the mean softmax cross-entropy on the CPU. Spec: fasthess/kernels/loss/reference.py.
 // Per row n (p = softmax(z_n), target t):  l = lse - z_t,  l1 = Σ p z1 - z1_t,
-// l2 = Σ p z2 - z2_t + Σ p z1² - (Σ p z1)².  The softmax of a row is computed once and shared by
-// the K tangents; nothing of size K × N × V is formed (only the inputs exist at that size).
+// l2 = Σ p z2 - z2_t + Σ p z1² - (Σ p z1)² (z2 None: zero, not read).  The softmax of a row is computed
+// once and shared by the K tangents; nothing of size K × N × V is formed (only the inputs exist at that size).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
+
+#include "jet2_checks.h"
 
 namespace fasthess {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_jet2_cpu(const at::Tensor& z, const at::Tensor& y,
-                                                                      const at::Tensor& z1, const at::Tensor& z2,
+                                                                      const at::Tensor& z1,
+                                                                      const std::optional<at::Tensor>& z2,
                                                                       int64_t ignore_index) {
-  TORCH_CHECK(z.dim() == 2, "z must be (N, V) logits");
-  TORCH_CHECK(y.dim() == 1 && y.size(0) == z.size(0) && y.scalar_type() == at::kLong, "y must be (N,) int64");
-  TORCH_CHECK(z1.dim() == 3 && z1.sizes().slice(1) == z.sizes() && z2.sizes() == z1.sizes(),
-              "z1 and z2 must be (K, N, V) with (N, V) = z.shape");
-  TORCH_CHECK(z1.scalar_type() == z.scalar_type() && z2.scalar_type() == z.scalar_type(),
-              "z, z1, z2 must share one dtype");
+  check_cross_entropy_jet2_inputs(z, y, z1, z2);
   const int64_t K = z1.size(0), N = z.size(0), V = z.size(1);
-  auto zc = z.contiguous(), z1c = z1.contiguous(), z2c = z2.contiguous(), yc = y.contiguous();
+  auto zc = z.contiguous(), z1c = z1.contiguous(), yc = y.contiguous();
+  const at::Tensor z2c = z2.has_value() ? z2->contiguous() : at::Tensor();  // none: zero, skipped
   const int64_t* yp = yc.data_ptr<int64_t>();
   int64_t valid = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_jet2_cpu(const at::
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "cross_entropy_jet2_cpu", [&] {
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const scalar_t* a = z1c.data_ptr<scalar_t>();
-    const scalar_t* b = z2c.data_ptr<scalar_t>();
+    const scalar_t* b = z2c.defined() ? z2c.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> p(V);
       for (int64_t n = begin; n < end; ++n) {
@@ -57,16 +57,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_jet2_cpu(const at::
         r0[n] = mx + std::log(sum) - static_cast<double>(row[t]);
         for (int64_t k = 0; k < K; ++k) {
           const scalar_t* a_row = a + (k * N + n) * V;
-          const scalar_t* b_row = b + (k * N + n) * V;
           double m1 = 0.0, m2 = 0.0, m3 = 0.0;
           for (int64_t v = 0; v < V; ++v) {
             const double x1 = static_cast<double>(a_row[v]);
             m1 += p[v] * x1;
             m2 += p[v] * x1 * x1;
-            m3 += p[v] * static_cast<double>(b_row[v]);
+          }
+          if (b != nullptr) {
+            const scalar_t* b_row = b + (k * N + n) * V;
+            for (int64_t v = 0; v < V; ++v) m3 += p[v] * static_cast<double>(b_row[v]);
+            m3 -= static_cast<double>(b_row[t]);
           }
           r1[k * N + n] = m1 - static_cast<double>(a_row[t]);
-          r2[k * N + n] = m3 - static_cast<double>(b_row[t]) + m2 - m1 * m1;
+          r2[k * N + n] = m3 + m2 - m1 * m1;
         }
       }
     });
@@ -79,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_jet2_cpu(const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fasthess, m) {
-  m.def("cross_entropy_jet2(Tensor z, Tensor y, Tensor z1, Tensor z2, int ignore_index) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_jet2(Tensor z, Tensor y, Tensor z1, Tensor? z2, int ignore_index) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fasthess, CPU, m) { m.impl("cross_entropy_jet2", &cross_entropy_jet2_cpu); }

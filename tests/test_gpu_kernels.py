@@ -364,3 +364,55 @@ def test_gpu_seeded_update_stores_no_probes(backend: str) -> None:
     hutchinson_update_seeded_(mean, m2, hz, 1, k, k, backend=backend)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == base, torch.cuda.max_memory_allocated() - base
+
+
+# --- cross-entropy 2-jet (fasthess/kernels/loss): Triton and CUDA kernels ---
+
+# (K, N, V): a short row, several column blocks, the vocabulary scale (GPT-2's V; 64 rows: one tangent per
+# program / block), and enough rows for 2 (K = 2) and 4 (K = 5, the last block partial) tangents per block
+CE_GPU_SHAPES = [(1, 1, 1), (3, 97, 1025), (4, 64, 50257), (2, 300, 97), (5, 300, 97)]
+CE_GPU_CASES = [("triton", torch.float32), ("triton", torch.float64), ("triton", torch.bfloat16),
+                ("cuda", torch.float32), ("cuda", torch.float64)]
+
+
+@pytest.mark.parametrize("backend,dtype", CE_GPU_CASES, ids=lambda c: str(c).replace("torch.", ""))
+@pytest.mark.parametrize("k,n,v", CE_GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("second", [True, False], ids=["z2", "z2=None"])
+def test_cross_entropy_gpu_backend_matches_reference(backend: str, dtype, k: int, n: int, v: int, second: bool) -> None:
+    from test_kernels_loss import close, inputs
+
+    from fasthess.kernels import loss
+
+    if backend not in loss.family.available():
+        pytest.fail(f"backend {backend!r} is not available on this GPU machine (available: {loss.family.available()})")
+    z, y, z1, z2 = inputs(k, n, v, dtype, device="cuda", ignored=(0,) if n > 1 else ())
+    # the reference on the rounded inputs in float64 (bfloat16 rounding would swamp the kernel's own error)
+    want = loss.cross_entropy_jet2_reference(z.double(), y, z1.double(), z2.double() if second else None)
+    got = loss.cross_entropy_jet2(z, y, z1, z2 if second else None, backend=backend)
+    torch.cuda.synchronize()
+    close(got, want, dtype, f"{backend} {k, n, v}")
+    again = loss.cross_entropy_jet2(z, y, z1, z2 if second else None, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), "not deterministic"
+
+
+def test_cross_entropy_gpu_selection_opcheck_and_errors() -> None:
+    """auto picks Triton; the CUDA op's schema, fake function and shared checks (csrc/jet2_checks.h); every row
+    ignored gives NaN on both GPU backends, as the reference."""
+    from test_kernels_loss import inputs
+
+    from fasthess.kernels import loss
+
+    assert "cuda" in loss.family.available(), f"the CUDA kernel did not build (available: {loss.family.available()})"
+    assert loss.family.select("auto", "cuda", torch.float32)[0] == "triton"
+    z, y, z1, z2 = inputs(2, 3, 5, torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.fasthess.cross_entropy_jet2.default, (z, y, z1, z2, -100))
+    torch.library.opcheck(torch.ops.fasthess.cross_entropy_jet2.default, (z, y, z1, None, -100))
+    with pytest.raises(RuntimeError, match="takes float32 or float64"):
+        torch.ops.fasthess.cross_entropy_jet2(z.half(), y, z1.half(), None, -100)
+    with pytest.raises(RuntimeError, match="z2 must be None or of z1's shape"):
+        torch.ops.fasthess.cross_entropy_jet2(z, y, z1, z2[:1], -100)
+    with pytest.raises(ValueError, match="outside"):
+        loss.cross_entropy_jet2(z, torch.tensor([0, 5, 1], device="cuda"), z1, z2)
+    for backend in ("triton", "cuda"):
+        got = loss.cross_entropy_jet2(z, torch.full_like(y, -100), z1, z2, backend=backend)
+        assert all(t.isnan().all() for t in got), (backend, got)

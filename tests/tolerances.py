@@ -122,3 +122,12 @@ ATTENTION_HVP_VS_REFERENCE = {
 # central difference of the backward (step 1e-4: truncation ~1e-8).
 ATTENTION_HVP_VS_DENSE = (1e-9, 1e-11)
 ATTENTION_HVP_FINITE_DIFFERENCE = (1e-6, 1e-7)
+
+# Cross-entropy 2-jet kernels (loss, loss1, loss2) against the nested-jvp reference: dtype -> (rtol, atol).
+# CPU backends: float32 inputs are the float64 inputs rounded, the reference runs on the float64 ones;
+# Triton and CUDA tests run the reference in float64 on the rounded inputs (bfloat16: the outputs' rounding).
+CROSS_ENTROPY_JET2_VS_REFERENCE = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+}

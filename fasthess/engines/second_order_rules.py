@@ -627,14 +627,14 @@ def layer_norm_fused_rule(
 def cross_entropy_fused_rule(
     node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
 ) -> RuleResult:
-    """``fasthess::cross_entropy_fused``: the cross-entropy 2-jet kernel, second-order logit tangents 0."""
+    """``fasthess::cross_entropy_fused``: the cross-entropy 2-jet kernel, second-order logit tangents 0 (``None``)."""
     from ..kernels.loss import cross_entropy_jet2, family
     from ..kernels.registry import preferred_backend
 
     (z, y, ignore_index), _ = tree_unflatten(list(primal), node.spec)
     tz = _densify(tans[0])
     backend = preferred_backend(family.name, family.backends)
-    _, l1, l2 = cross_entropy_jet2(z, y, tz, torch.zeros_like(tz), ignore_index, backend)
+    _, l1, l2 = cross_entropy_jet2(z, y, tz, None, ignore_index, backend)
     return [l1], (l2 * lams[0] if lams[0] is not None else None)
 
 

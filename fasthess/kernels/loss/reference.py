@@ -10,16 +10,17 @@ from ..jet import nested_jvp_jet2
 
 
 def cross_entropy_jet2(
-    z: Tensor, y: Tensor, z1: Tensor, z2: Tensor, ignore_index: int = -100
+    z: Tensor, y: Tensor, z1: Tensor, z2: Tensor | None = None, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mean cross-entropy of logits ``z`` and its first/second directional derivatives (nested ``jvp``).
 
     Args:
         z: ``(N, V)`` logits; y: ``(N,)`` int64 targets (``ignore_index`` rows are left out of the mean).
-        z1, z2: ``(K, N, V)`` first- and second-order logit tangents.
+        z1, z2: ``(K, N, V)`` first- and second-order logit tangents (``z2=None``: zero).
 
     Returns:
-        ``(loss, loss1, loss2)``: a scalar and two ``(K,)`` with ``loss2 = d²/dt² L(z + t z1 + t²/2 z2)``.
+        ``(loss, loss1, loss2)``: a scalar and two ``(K,)`` with ``loss2 = d²/dt² L(z + t z1 + t²/2 z2)``;
+        NaN when every row is ignored (as ``F.cross_entropy``).
 
     Example:
         >>> z = torch.zeros(1, 2, dtype=torch.float64)
@@ -31,4 +32,4 @@ def cross_entropy_jet2(
     def f(a: Tensor) -> Tensor:
         return F.cross_entropy(a, y, ignore_index=ignore_index)
 
-    return nested_jvp_jet2(f, (z,), (z1,), (z2,))
+    return nested_jvp_jet2(f, (z,), (z1,), (torch.zeros_like(z1) if z2 is None else z2,))
