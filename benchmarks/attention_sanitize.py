@@ -1,4 +1,5 @@
-"""Runs the CUDA attention 2-jet kernel on small awkward shapes, for compute-sanitizer (gpu_check.sh).
+"""Runs the CUDA attention 2-jet kernel (and, for backend "cuda", the CUDA attention HVP kernels) on small
+awkward shapes, for compute-sanitizer (gpu_check.sh).
 
     compute-sanitizer --tool memcheck python benchmarks/attention_sanitize.py
 Prints one line per case and exits non-zero if an output is wrong.
@@ -34,7 +35,37 @@ def main() -> int:
             ok = err < 1e-3
             bad += not ok
             print(f"{backend} {shape} causal={causal} max_err={err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    if backend == "cuda" and os.environ.get("FASTHESS_CUDA_ATTENTION_ROWWISE") != "1":  # once per gpu_check.sh
+        bad += attention_hvp_cases()
     return 1 if bad else 0
+
+
+def attention_hvp_cases() -> int:
+    """The CUDA attention HVP kernels (csrc/cuda/attention_hvp.cu): partial tiles, Tq != Tk, head dims across
+    the staged chunks, several tangent groups, N = 0; float32 and float64. Returns the number of wrong cases."""
+    from attention_cases import hvp_inputs
+
+    from fasthess.kernels.attention_hvp import attention_hvp
+    from fasthess.kernels.attention_hvp.reference import attention_hvp as hvp_reference
+
+    bad = 0
+    for shape, dtype in [((1, 1, 1, 1, 4, 1), torch.float32), ((2, 3, 33, 70, 5, 2), torch.float32),
+                         ((1, 2, 70, 45, 72, 3), torch.float64), ((2, 1, 65, 65, 40, 0), torch.float64)]:
+        for causal in (False, True):
+            x = hvp_inputs(*shape, dtype, device="cuda")
+            pad = padding(shape[0], shape[3], "cuda")
+            got = attention_hvp(*x, causal=causal, key_padding_mask=pad, backend="cuda")
+            torch.cuda.synchronize()
+            exact = hvp_inputs(*shape, torch.float64, device="cuda")
+            backend = "torch" if shape[-1] == 0 else None  # the reference does not vmap over N = 0 tangents
+            want = (attention_hvp(*exact, causal=causal, key_padding_mask=pad, backend=backend) if backend
+                    else hvp_reference(*exact, causal=causal, key_padding_mask=pad))
+            err = max((float((a.double() - b).abs().max()) for a, b in zip(got, want) if b.numel()), default=0.0)
+            ok = err < 1e-3
+            bad += not ok
+            print(f"cuda attention_hvp {shape} {dtype} causal={causal} max_err={err:.2e} {'ok' if ok else 'WRONG'}",
+                  flush=True)
+    return bad
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from fasthess.kernels.attention.reference import attention_jet2 as reference  # 
 from fasthess.kernels.attention_hvp import attention_hvp  # noqa: E402
 from fasthess.kernels.attention_hvp import attention_hvp_reference  # noqa: E402
 from fasthess.kernels.attention_hvp import family as hvp_family  # noqa: E402
+from fasthess.kernels.attention_hvp import select_backend as select_hvp_backend  # noqa: E402
 from fasthess.kernels.hutchinson import family as hutchinson_family, hutchinson_update_  # noqa: E402
 
 
@@ -131,8 +132,12 @@ def attention_hvp_cases(a, t: int, h: int, n: int, dtype):
     cases = {}
     if t <= a.reference_max_T:
         cases["reference"] = lambda: attention_hvp_reference(*x, causal=a.causal)
-    for backend in hvp_family.backends:
+    for backend in hvp_family.backends:  # on CUDA: triton, cuda (--dtype float64: cuda only), torch
         if backend in hvp_family.available() and a.device in hvp_family.devices.get(backend, (a.device,)):
+            try:
+                select_hvp_backend(backend, a.device, dtype)
+            except TypeError:  # not for this dtype
+                continue
             cases[backend] = lambda backend=backend: attention_hvp(*x, causal=a.causal, backend=backend)
     return cases, flops, nbytes, n
 

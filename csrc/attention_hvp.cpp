@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "attention_softmax.h"
+#include "jet2_checks.h"
 
 #include <algorithm>
 #include <tuple>
@@ -66,23 +67,12 @@ Six attention_hvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   // the op has no autograd formula (its derivative rules live in Python): never record the inner products,
   // even when called on tensors that require grad (inside torch.autograd.Function.forward of a model's loss)
   at::NoGradGuard no_grad;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "k and v must be (B, H, Tk, D) with the B, H, D of q");
-  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have q's shape (B, H, Tq, D)");
+  check_attention_hvp_inputs(q, k, v, dout, q1, k1, v1, dout1, keep_opt);
   const int64_t n = q1.size(0);
-  for (const auto* t : {&q1, &dout1})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
-                "q1, dout1 must be (N, *q.shape)");
-  for (const auto* t : {&k1, &v1})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(), "k1, v1 must be (N, *k.shape)");
-  for (const auto* t : {&k, &v, &dout, &q1, &k1, &v1, &dout1})
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
   const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2), BH = B * H;
   at::Tensor keep;
   if (keep_opt.has_value()) {
     keep = keep_opt->to(at::kBool).contiguous();
-    TORCH_CHECK(keep.dim() == 2 && keep.size(0) == B && keep.size(1) == TK, "keep must be (B, Tk) bool");
   }
   auto q3 = q.contiguous().view({BH, TQ, D}), do3 = dout.contiguous().view({BH, TQ, D});
   auto k3 = k.contiguous().view({BH, TK, D}), v3 = v.contiguous().view({BH, TK, D});

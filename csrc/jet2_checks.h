@@ -85,3 +85,32 @@ inline void check_cross_entropy_jet2_inputs(const at::Tensor& z, const at::Tenso
 }
 
 }  // namespace fasthess
+
+// --- attention HVP (csrc/attention_hvp.cpp, csrc/cuda/attention_hvp_glue.cpp) ---
+namespace fasthess {
+
+// q, dout (B, H, Tq, D); k, v (B, H, Tk, D); q1, dout1 (N, *q.shape); k1, v1 (N, *k.shape); keep (B, Tk) or
+// none; every tensor of q's dtype and device.
+inline void check_attention_hvp_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& dout, const at::Tensor& q1, const at::Tensor& k1,
+                                       const at::Tensor& v1, const at::Tensor& dout1,
+                                       const std::optional<at::Tensor>& keep) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "k and v must be (B, H, Tk, D) with the B, H, D of q");
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have q's shape (B, H, Tq, D)");
+  const int64_t n = q1.dim() > 0 ? q1.size(0) : -1;
+  for (const auto* t : {&q1, &dout1})
+    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
+                "q1, dout1 must be (N, *q.shape)");
+  for (const auto* t : {&k1, &v1})
+    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(), "k1, v1 must be (N, *k.shape)");
+  for (const auto* t : {&k, &v, &dout, &q1, &k1, &v1, &dout1}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
+    TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device");
+  }
+  if (keep.has_value())
+    TORCH_CHECK(keep->dim() == 2 && keep->size(0) == q.size(0) && keep->size(1) == k.size(2), "keep must be (B, Tk) bool");
+}
+
+}  // namespace fasthess

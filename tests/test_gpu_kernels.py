@@ -416,3 +416,90 @@ def test_cross_entropy_gpu_selection_opcheck_and_errors() -> None:
     for backend in ("triton", "cuda"):
         got = loss.cross_entropy_jet2(z, torch.full_like(y, -100), z1, z2, backend=backend)
         assert all(t.isnan().all() for t in got), (backend, got)
+
+
+# --- attention HVP: the CUDA kernels (csrc/cuda/attention_hvp.cu) ---
+
+HVP_CUDA_SHAPES = HVP_GPU_SHAPES + [(1, 1, 64, 64, 200, 1), (2, 3, 130, 70, 33, 5)]  # D > 128; many tangents
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", HVP_CUDA_SHAPES, ids=str)
+@pytest.mark.parametrize("causal,padded", MASKS)
+def test_cuda_attention_hvp_matches_reference(dtype, shape, causal: bool, padded: bool) -> None:
+    from attention_cases import hvp_inputs
+    from tolerances import ATTENTION_HVP_VS_REFERENCE
+
+    from fasthess.kernels.attention_hvp import attention_hvp, family as hvp_family
+    from fasthess.kernels.attention_hvp.reference import attention_hvp as hvp_reference
+
+    if "cuda" not in hvp_family.available():
+        pytest.fail(f"the CUDA attention HVP backend is not available (available: {hvp_family.available()})")
+    x = hvp_inputs(*shape, dtype, device="cuda")
+    pad = padding(shape[0], shape[3], "cuda") if padded else None
+    want = hvp_reference(*hvp_inputs(*shape, torch.float64, device="cuda"), causal=causal, key_padding_mask=pad)
+    got = attention_hvp(*x, causal=causal, key_padding_mask=pad, backend="cuda")
+    torch.cuda.synchronize()
+    rtol, atol = ATTENTION_HVP_VS_REFERENCE[dtype]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype and a.device.type == "cuda"
+        torch.testing.assert_close(a, b.to(dtype), rtol=rtol, atol=atol, msg=lambda m: f"{shape} output {i}: {m}")
+
+
+def test_cuda_attention_hvp_opcheck_selection_and_errors() -> None:
+    """Schema and fake function of the CUDA kernel, bitwise-repeatable results (no atomics), the backward
+    only (N = 0), "auto" (triton first for float32, cuda for float64) and the shared input checks."""
+    from attention_cases import hvp_inputs
+
+    from fasthess.kernels.attention_hvp import attention_hvp, select_backend
+
+    x = hvp_inputs(2, 2, 70, 75, 16, 3, torch.float64, device="cuda")
+    keep = ~padding(2, 75, "cuda")
+    op = torch.ops.fasthess.attention_hvp
+    torch.library.opcheck(op.default, (*x, keep, True, 0.5))
+    torch.library.opcheck(op.default, (*x, None, False, 0.5))
+    first, again = op(*x, keep, True, 0.5), op(*x, keep, True, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    none = op(*x[:4], *(t[:0] for t in x[4:]), keep, True, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(none[:3], first[:3])) and none[3].shape[0] == 0
+    assert select_backend("auto", "cuda", torch.float64)[0] == "cuda"
+    assert select_backend("auto", "cuda", torch.float32)[0] == "triton"
+    with pytest.raises(TypeError, match="takes"):
+        attention_hvp(*(t.half() for t in x), backend="cuda")
+    with pytest.raises(RuntimeError, match=r"k1, v1 must be \(N, \*k.shape\)"):
+        op(*x[:5], x[5][:, :, :, :3], *x[6:], keep, True, 0.5)
+    with pytest.raises(RuntimeError, match="takes float32 or float64"):
+        op(*(t.half() for t in x), keep, True, 0.5)
+
+
+def test_fwd_rev_hutchinson_routed_through_cuda_equals_double_backward(monkeypatch) -> None:
+    """The zoo SDPA model in float64 on the GPU: fwd_rev with attention routed through the CUDA HVP kernel gives
+    the double-backward engine's estimate with the same probes (round-off only)."""
+    import fasthess
+    from tolerances import SAME_PROBES_RTOL
+    from zoo import ZOO
+
+    from fasthess.kernels.attention_hvp import forward_over_reverse as route_module
+    from fasthess.kernels.registry import use_backend
+
+    case = ZOO["sdpa"]()
+    model = case.model.cuda()
+    layers = ["qkv.weight", "proj.weight"]
+    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+    kw = dict(method="hutchinson", num_probes=6, seed=11)
+    plain = fasthess.diag(model, loss, layers, engine="double_backward", **kw)
+    calls = []
+    original = route_module._hvp
+    monkeypatch.setattr(route_module, "_hvp", lambda *a: calls.append(1) or original(*a))
+    with use_backend("cuda"):
+        routed = fasthess.diag(model, loss, layers, engine="fwd_rev", **kw)
+    assert calls, "the route was not taken"
+    assert routed.meta["kernels"]["attention_hvp"] == "cuda"
+    for name in plain.layers:
+        a, b = routed.layers[name].values, plain.layers[name].values
+        torch.testing.assert_close(a, b, rtol=SAME_PROBES_RTOL, atol=SAME_PROBES_RTOL * float(b.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")

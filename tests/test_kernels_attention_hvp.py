@@ -1,7 +1,8 @@
 """Attention HVP kernels (tangent of the attention backward): the reference against a dense float64
 Hessian (reverse-over-reverse) and finite differences, every CPU backend against the reference,
-the Triton kernels under TRITON_INTERPRET=1 and compiled to PTX for sm_90, opcheck of the C++ op,
-backend selection, and the route through the fwd_rev engine."""
+the Triton kernels under TRITON_INTERPRET=1 and compiled to PTX for sm_90, the CUDA kernels run on the CPU
+through a stand-in CUDA runtime (tests/cuda_emulation), opcheck of the C++ op, backend selection, and the
+route through the fwd_rev engine."""
 
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def test_wrapper_errors_and_backend_selection() -> None:
     with pytest.raises(ValueError, match="dout must have"):
         attention_hvp(*x[:3], x[3][..., :2, :], *x[4:])
     with pytest.raises(BackendUnavailableError):
-        attention_hvp(*x, backend="cuda")  # not a backend of this family
+        attention_hvp(*x, backend="cuda")  # CUDA tensors only (and built only against a CUDA torch)
     with pytest.raises(BackendUnavailableError):
         attention_hvp(*x, backend="triton")  # unavailable here, or not for CPU tensors
     assert select_backend("auto", "cpu", torch.float64)[0] == ("cpp" if extension_loaded() else "torch")
@@ -390,3 +391,80 @@ def test_routed_sdpa_with_a_mask_matches_dense_hessian(form: str, monkeypatch) -
             assert not calls, "a bias is not a key-padding mask: the plain path must run"
         else:
             assert calls and all(torch.equal(p, pad) for p in calls), "the mask must reach the kernel as key padding"
+
+
+# --- the CUDA kernels (csrc/cuda/attention_hvp.cu) run on the CPU through a stand-in CUDA runtime ---
+# tests/cuda_emulation/cuda_runtime.h: one std::thread per CUDA thread, real barriers and warp shuffles. Built
+# with AddressSanitizer + UBSan (out-of-bounds global or shared memory accesses fail the run) or with
+# ThreadSanitizer (a missing barrier between writes and reads of shared memory fails it: checked by removing
+# one); the workspace starts as NaN, so a statistic read before it is written shows. FASTHESS_EMU_SMS sets the
+# SM count the launch sees, hence the tangent groups: (B, H, Tq, Tk, D, N), causal, padded, dtype, SMs, tool.
+EMULATION_CASES = [
+    ((2, 2, 7, 7, 5, 3), True, True, torch.float64, 64, "address"),  # 3 tangent groups
+    ((1, 1, 70, 70, 20, 2), True, True, torch.float64, 1, "address"),  # 2 × 2 tiles, 2 head-dim chunks, one group
+    ((2, 1, 5, 70, 40, 2), False, True, torch.float32, 64, "address"),  # 2 key tiles, 2 head-dim chunks, 2 groups
+    ((2, 2, 11, 5, 4, 2), True, True, torch.float32, 4, "address"),  # causal rows past Tk
+    ((1, 2, 9, 9, 8, 0), True, False, torch.float64, 4, "address"),  # N = 0: the backward only
+    ((1, 1, 70, 70, 20, 2), True, True, torch.float64, 64, "thread"),  # 2 × 2 tiles, 2 groups: races
+]
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    """``build(tool)``: the path of tests/cuda_emulation/run_attention_hvp.cpp built with that sanitizer."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    folder = tmp_path_factory.mktemp("cuda_emulation")
+    built = {}
+
+    def build(tool: str) -> str:
+        if tool not in built:
+            exe = folder / f"run_attention_hvp_{tool}"
+            flags = {"address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+                     "thread": ["-fsanitize=thread"]}[tool]
+            src = os.path.join(ROOT, "tests", "cuda_emulation", "run_attention_hvp.cpp")
+            cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *flags,
+                   f"-I{os.path.join(ROOT, 'tests', 'cuda_emulation')}", src, "-o", str(exe)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, res.stderr[-4000:]
+            built[tool] = str(exe)
+        return built[tool]
+
+    return build
+
+
+def _run_emulated(exe: str, x, causal: bool, pad, scale: float, sms: int, tmp_path):
+    import numpy as np
+
+    b, h, tq, d = x[0].shape
+    tk, n = x[1].shape[2], x[4].shape[0]
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(src, "wb") as f:
+        f.write(np.array([x[0].element_size(), b, h, tq, tk, d, n, causal, pad is not None], dtype=np.int64).tobytes())
+        f.write(np.array([scale], dtype=np.float64).tobytes())
+        for t in x:
+            f.write(t.contiguous().numpy().tobytes())
+        if pad is not None:
+            f.write((~pad).to(torch.uint8).numpy().tobytes())
+    env = dict(os.environ, FASTHESS_EMU_SMS=str(sms), ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1")
+    res = subprocess.run([exe, str(src), str(dst)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    flat = torch.from_numpy(np.fromfile(dst, dtype=np.float32 if x[0].dtype == torch.float32 else np.float64))
+    outs = list(flat.split([t.numel() for t in (x[0], x[1], x[2], x[4], x[5], x[6])]))
+    return [o.view(t.shape) for o, t in zip(outs, (x[0], x[1], x[2], x[4], x[5], x[6]))]
+
+
+@pytest.mark.parametrize("shape,causal,padded,dtype,sms,tool", EMULATION_CASES, ids=str)
+def test_cuda_kernels_emulated_on_cpu_match_reference(emulated_cuda, shape, causal, padded, dtype, sms, tool,
+                                                      tmp_path) -> None:
+    x = hvp_inputs(*shape, dtype)
+    pad = padding(shape[0], shape[3]) if padded else None
+    exact = hvp_inputs(*shape, torch.float64)
+    if shape[-1] == 0:  # the jvp-of-vjp reference does not vmap over no tangents: the blocked torch backend
+        want = attention_hvp(*exact, causal=causal, key_padding_mask=pad, scale=0.7, backend="torch")
+    else:
+        want = reference(*exact, causal=causal, key_padding_mask=pad, scale=0.7)
+    got = _run_emulated(emulated_cuda(tool), x, causal, pad, 0.7, sms, tmp_path)
+    _close(got, want, ATTENTION_HVP_VS_REFERENCE[dtype], f"emulated cuda {shape}")

@@ -7,6 +7,10 @@ Backends, in order of preference for ``backend="auto"``:
 
 * ``triton``: FlashAttention-2-style Triton kernels (:mod:`.triton_kernels`) on CUDA tensors,
   as the custom op ``torch.ops.fasthess.attention_hvp_triton`` (for its vmap rule); float32/16/bf16.
+* ``cuda``: ``torch.ops.fasthess.attention_hvp`` on CUDA tensors (``csrc/cuda/attention_hvp.cu``, built
+  only against a CUDA torch); float32/float64, any head dim, the ``N`` tangents of a call share the primal
+  score tiles. After ``triton`` for ``"auto"``: it takes float64 (which ``triton`` does not), while which of
+  the two is faster in float32 has not been measured yet (``benchmarks/kernels.py --ops attention_hvp``).
 * ``cpp``: ``torch.ops.fasthess.attention_hvp`` on CPU tensors (``csrc/attention_hvp.cpp``); float32/float64.
 * ``torch``: the same query-block algorithm in torch ops (:mod:`.blocked`), any device.
 
@@ -23,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..registry import KernelFamily, op_available, triton_available
+from ..registry import KernelFamily, cuda_op_available, op_available, triton_available
 from .blocked import attention_hvp_blocked
 from .reference import attention_hvp as attention_hvp_reference
 from .reference import attention_vjp
@@ -62,9 +66,13 @@ def _triton(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale
     return triton_op()(q, k, v, dout, q1, k1, v1, dout1, _keep(key_padding_mask), causal, scale)
 
 
-@family.register("cpp", available=lambda: op_available("attention_hvp"), devices=("cpu",))
-def _cpp(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale):
+def _op(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale):
+    """``torch.ops.fasthess.attention_hvp``: its CPU kernel (``cpp``) or its CUDA kernel (``cuda``)."""
     return torch.ops.fasthess.attention_hvp(q, k, v, dout, q1, k1, v1, dout1, _keep(key_padding_mask), causal, scale)
+
+
+family.register("cuda", available=lambda: cuda_op_available("attention_hvp"), devices=("cuda",))(_op)
+family.register("cpp", available=lambda: op_available("attention_hvp"), devices=("cpu",))(_op)
 
 
 @family.register("torch", available=lambda: True)
@@ -74,7 +82,8 @@ def _torch(q, k, v, dout, q1, k1, v1, dout1, *, causal, key_padding_mask, scale)
 
 
 # dtypes each compiled backend takes; "auto" passes over a backend for other dtypes
-_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16), "cpp": (torch.float32, torch.float64)}
+_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16), "cuda": (torch.float32, torch.float64),
+           "cpp": (torch.float32, torch.float64)}
 
 
 def select_backend(backend: str, device: str, dtype: torch.dtype):  # noqa: ANN201
@@ -128,7 +137,7 @@ def attention_hvp(
         causal: key ``j`` visible to query ``i`` only when ``j <= i``.
         key_padding_mask: ``(B, Tk)`` bool, ``True`` = padding (ignored).
         scale: default ``1/sqrt(D)``.
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
     Returns:
         ``(dq, dk, dv, dq1, dk1, dv1)``: gradients shaped like q, k, v and their ``(N, *shape)``

@@ -56,7 +56,8 @@ def routed() -> bool:
     return _active.get()
 
 
-# backends "auto" routes through; "triton" joins once its GPU tests (tests/test_gpu_kernels.py) have passed
+# backends "auto" routes through; "triton" and "cuda" join once their end-to-end GPU tests
+# (tests/test_gpu_kernels.py: test_fwd_rev_hutchinson_routed_through_*) have passed
 AUTO_ROUTED = ("cpp",)
 
 
