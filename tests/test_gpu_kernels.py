@@ -240,7 +240,10 @@ def test_gpu_backend_skips_absent_tangents(backend: str, dtype, shape, causal: b
         pytest.skip("head dim > 128: the triton tiles would not fit in shared memory")
     pad = padding(shape[0], shape[3], "cuda") if padded else None
     rtol, atol = ATTENTION_JET2_VS_REFERENCE[dtype]
-    for absent in ABSENT:
+    # the fused rule's calls everywhere (second order absent; also k1, v1); every mixed case on one shape and
+    # mask (each pattern is a Triton compile of its own)
+    mixed = shape == SHAPES[1] and causal and padded
+    for absent in ABSENT if mixed else (ABSENT[0], ABSENT[3]):
         want = reference(*without(inputs(*shape, torch.float64, device="cuda"), absent)[1], causal=causal,
                          key_padding_mask=pad)
         got = attention_jet2(*without(inputs(*shape, dtype, device="cuda"), absent)[0], causal=causal,
