@@ -2,8 +2,8 @@
 
     compute-sanitizer --tool memcheck python benchmarks/pointwise_sanitize.py
 Covers both layer-norm kernels (warp per row: D = 1, 97, 512; block per row: D = 513, 1025), with and
-without weight/bias and with and without x2 (None), and both GELU forms, in float32 and float64. Prints one line per case and exits
-non-zero if an output is wrong.
+without weight/bias and with and without x2 (None), and both GELU forms, in float32 and float64. Prints
+one line per case and exits non-zero if an output is wrong.
 """
 
 from __future__ import annotations
