@@ -14,6 +14,10 @@ on the decomposition).
 
 The Triton attention kernel has one row per precision of its float32 tile products
 (``triton-ieee``, ``triton-tf32x3``, ``triton-tf32``; see :mod:`fasthess.kernels.attention`).
+Each attention backend also has a ``<backend>-first-order`` row: the same call with the
+second-order tangents ``None`` (zero, skipped), as the tangent-adjoint engine's fused rule makes
+it; its TFLOP/s and GB/s count the full 2-jet's work, so its speed ratio to the full row is the
+saving (7 instead of 10 products per tangent), and its error column covers ``o`` and ``o1`` only.
 For attention, per sequence length T and backend: median seconds over repeats, tangents/s, GB/s (the
 inputs read and outputs written once, the least traffic possible), TFLOP/s (the
 algorithm's matrix products: 2 for the primal + 10 per tangent, each 2·B·H·Tq·Tk·D,
@@ -116,8 +120,12 @@ def attention_cases(a, t: int, h: int, n: int, dtype):
             if backend == "triton":  # one row per precision of its float32 tile products
                 for p in PRECISIONS:
                     cases[f"triton-{p}"] = lambda p=p: attention_jet2(*x, causal=a.causal, backend="triton", precision=p)
+                    cases[f"triton-{p}-first-order"] = lambda p=p: attention_jet2(
+                        *x[:6], causal=a.causal, backend="triton", precision=p)[:2]
             else:
                 cases[backend] = lambda backend=backend: attention_jet2(*x, causal=a.causal, backend=backend)
+                cases[f"{backend}-first-order"] = lambda backend=backend: attention_jet2(
+                    *x[:6], causal=a.causal, backend=backend)[:2]  # o2 differs from the reference's by design
     return cases, flops, nbytes, n
 
 

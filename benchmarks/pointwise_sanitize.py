@@ -3,9 +3,9 @@
 
     compute-sanitizer --tool memcheck python benchmarks/pointwise_sanitize.py
 Covers both layer-norm kernels (warp per row: D = 1, 97, 512; block per row: D = 513, 1025), with and
-without weight/bias, both GELU forms, and the cross-entropy kernel (V = 1, 97, 1025, 4099: 64 to 512
-threads per block; 1, 2 and 4 tangents per block, a partial last one; with and without z2, ignored rows) in
-float32 and float64. Prints one line per case and exits non-zero if an output is wrong.
+without weight/bias and with and without x2 (None), both GELU forms, and the cross-entropy kernel (V = 1, 97,
+1025, 4099: 64 to 512 threads per block; 1, 2 and 4 tangents per block, a partial last one; with and without z2,
+ignored rows) in float32 and float64. Prints one line per case and exits non-zero if an output is wrong.
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ def main() -> int:
         tol = 1e-4 if dtype == torch.float32 else 1e-10
         for lead, d, n, affine in [((1,), 1, 1, True), ((3, 5), 97, 2, False), ((2,), 512, 1, True),
                                    ((3,), 513, 2, True), ((2,), 1025, 1, False)]:
-            want = layer_norm.layer_norm_jet2_reference(*layer_norm_inputs(lead, d, n, torch.float64, affine), EPS)
-            x = [t if t is None else t.cuda() for t in layer_norm_inputs(lead, d, n, dtype, affine)]
-            got = layer_norm.layer_norm_jet2(*x, EPS, backend="cuda")
-            torch.cuda.synchronize()
-            err = _err(got, want)
-            bad += not err < tol
-            print(f"layer_norm {dtype} {lead} D={d} N={n} affine={affine} max_rel_err={err:.2e} "
-                  f"{'ok' if err < tol else 'WRONG'}", flush=True)
+            for has_x2 in (True, False):  # x2 = None: the kernel instances without x2
+                x, w, b, x1, x2 = layer_norm_inputs(lead, d, n, torch.float64, affine)
+                want = layer_norm.layer_norm_jet2_reference(x, w, b, x1, x2 if has_x2 else x2.zero_(), EPS)
+                x, w, b, x1, x2 = (t if t is None else t.cuda() for t in layer_norm_inputs(lead, d, n, dtype, affine))
+                got = layer_norm.layer_norm_jet2(x, w, b, x1, x2 if has_x2 else None, EPS, backend="cuda")
+                torch.cuda.synchronize()
+                err = _err(got, want)
+                bad += not err < tol
+                print(f"layer_norm {dtype} {lead} D={d} N={n} affine={affine} x2={has_x2} max_rel_err={err:.2e} "
+                      f"{'ok' if err < tol else 'WRONG'}", flush=True)
         for shape, n in [((1,), 1), ((3, 37), 2), ((1025,), 3)]:
             for approximate in ("none", "tanh"):
                 want = gelu.gelu_jet2_reference(*gelu_inputs(shape, n, torch.float64), approximate)

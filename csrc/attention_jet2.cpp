@@ -26,19 +26,21 @@ namespace {
 constexpr int64_t kBlockRows = 64;
 
 // Row-wise jet of the softmax on a block: p (rows × cols) holds P; s1, s2 hold the tangent scores
-// and are overwritten with P1 and P2. Masked entries have p == 0 and give 0.
+// and are overwritten with P1 and P2. Masked entries have p == 0 and give 0. A null s1 is a zero
+// first-order score block (P1 = 0, P2 = P ⊙ (s2 − μ2)).
 template <typename scalar_t>
 void softmax_jet_rows(const scalar_t* p, scalar_t* s1, scalar_t* s2, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* pr = p + i * cols;
-    scalar_t* a = s1 + i * cols;
+    scalar_t* a = s1 ? s1 + i * cols : nullptr;
     scalar_t* b = s2 + i * cols;
-    scalar_t mu1 = 0, mu2 = 0;
-    for (int64_t j = 0; j < cols; ++j) {
-      mu1 += pr[j] * a[j];
-      mu2 += pr[j] * b[j];
+    scalar_t mu1 = 0, mu2 = 0, var = 0;
+    for (int64_t j = 0; j < cols; ++j) mu2 += pr[j] * b[j];
+    if (a == nullptr) {
+      for (int64_t j = 0; j < cols; ++j) b[j] = pr[j] * (b[j] - mu2);
+      continue;
     }
-    scalar_t var = 0;
+    for (int64_t j = 0; j < cols; ++j) mu1 += pr[j] * a[j];
     for (int64_t j = 0; j < cols; ++j) {
       const scalar_t d = a[j] - mu1;
       var += pr[j] * d * d;
@@ -51,22 +53,39 @@ void softmax_jet_rows(const scalar_t* p, scalar_t* s1, scalar_t* s2, int64_t row
   }
 }
 
+// view of an optional (N, B, H, T, D) tangent as (N, B·H, T, D); undefined when absent
+at::Tensor tangent_view(const std::optional<at::Tensor>& t, int64_t n, int64_t bh, int64_t rows, int64_t d) {
+  return t.has_value() ? t->contiguous().view({n, bh, rows, d}) : at::Tensor();
+}
+
+// out (+)= alpha · a @ b, skipped when a factor is undefined (a zero tangent); out starts undefined
+void add_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha = 1.0) {
+  if (!a.defined() || !b.defined()) return;
+  if (!out.defined()) {
+    out = at::mm(a, b);
+    if (alpha != 1.0) out.mul_(alpha);
+  } else {
+    out.addmm_(a, b, 1.0, alpha);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q1, const at::Tensor& k1,
-    const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
-    const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
-  check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q1,
+    const std::optional<at::Tensor>& k1, const std::optional<at::Tensor>& v1, const std::optional<at::Tensor>& q2,
+    const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
+    const std::optional<at::Tensor>& keep_opt, bool causal, double scale) {
+  const int64_t n = check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
   at::NoGradGuard no_grad;  // a 2-jet is not differentiated, and mm_out refuses inputs that require grad
   const int64_t B = q.size(0), H = q.size(1), TQ = q.size(2), D = q.size(3), TK = k.size(2), BH = B * H;
-  const int64_t n = q1.size(0);
   at::Tensor keep;
   if (keep_opt.has_value()) keep = keep_opt->to(at::kBool).contiguous();
   auto q3 = q.contiguous().view({BH, TQ, D});
   auto k3 = k.contiguous().view({BH, TK, D});
   auto v3 = v.contiguous().view({BH, TK, D});
-  auto q1c = q1.contiguous().view({n, BH, TQ, D}), q2c = q2.contiguous().view({n, BH, TQ, D});
-  auto k1c = k1.contiguous().view({n, BH, TK, D}), k2c = k2.contiguous().view({n, BH, TK, D});
-  auto v1c = v1.contiguous().view({n, BH, TK, D}), v2c = v2.contiguous().view({n, BH, TK, D});
+  // absent tangents stay undefined: their products are skipped, never done with zeros
+  auto q1c = tangent_view(q1, n, BH, TQ, D), q2c = tangent_view(q2, n, BH, TQ, D);
+  auto k1c = tangent_view(k1, n, BH, TK, D), k2c = tangent_view(k2, n, BH, TK, D);
+  auto v1c = tangent_view(v1, n, BH, TK, D), v2c = tangent_view(v2, n, BH, TK, D);
   auto o = at::zeros({BH, TQ, D}, q.options());
   auto o1 = at::zeros({n, BH, TQ, D}, q.options());
   auto o2 = at::zeros({n, BH, TQ, D}, q.options());
@@ -87,31 +106,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cpu(
           masked_softmax_rows<scalar_t>(p.data_ptr<scalar_t>(), rows, cols, i0, causal, kp);
           at::Tensor ob = o[bh].narrow(0, i0, rows);
           at::mm_out(ob, p, vb);
+          auto qrows = [&](const at::Tensor& t, int64_t i) { return t.defined() ? t[i][bh].narrow(0, i0, rows) : t; };
+          auto keys = [&](const at::Tensor& t, int64_t i) { return t.defined() ? t[i][bh].narrow(0, 0, cols) : t; };
+          auto keys_t = [&](const at::Tensor& t, int64_t i) { return t.defined() ? keys(t, i).t() : t; };
           for (int64_t t = 0; t < n; ++t) {
-            auto q1b = q1c[t][bh].narrow(0, i0, rows), q2b = q2c[t][bh].narrow(0, i0, rows);
-            auto k1t = k1c[t][bh].narrow(0, 0, cols).t(), k2t = k2c[t][bh].narrow(0, 0, cols).t();
-            auto v1b = v1c[t][bh].narrow(0, 0, cols), v2b = v2c[t][bh].narrow(0, 0, cols);
-            auto s1 = at::mm(q1b, kt).addmm_(qb, k1t).mul_(scale);
-            auto s2 = at::mm(q2b, kt).addmm_(q1b, k1t, 1, 2).addmm_(qb, k2t).mul_(scale);
-            softmax_jet_rows<scalar_t>(p.data_ptr<scalar_t>(), s1.data_ptr<scalar_t>(), s2.data_ptr<scalar_t>(),
-                                       rows, cols);
+            auto q1b = qrows(q1c, t), q2b = qrows(q2c, t);
+            auto k1t = keys_t(k1c, t), k2t = keys_t(k2c, t);
+            auto v1b = keys(v1c, t), v2b = keys(v2c, t);
+            at::Tensor s1, s2;  // scale · (q1 kᵀ + q k1ᵀ), scale · (q2 kᵀ + 2 q1 k1ᵀ + q k2ᵀ): given terms only
+            add_product(s1, q1b, kt);
+            add_product(s1, qb, k1t);
+            add_product(s2, q2b, kt);
+            add_product(s2, q1b, k1t, 2.0);
+            add_product(s2, qb, k2t);
+            if (s1.defined()) s1.mul_(scale);
+            if (s2.defined()) s2.mul_(scale);
+            if (s1.defined() && !s2.defined()) s2 = at::zeros_like(s1);  // P2 depends on s1: it needs the buffer
+            if (s2.defined())
+              softmax_jet_rows<scalar_t>(p.data_ptr<scalar_t>(), s1.defined() ? s1.data_ptr<scalar_t>() : nullptr,
+                                         s2.data_ptr<scalar_t>(), rows, cols);
+            // now s1 = P1, s2 = P2 (undefined: 0); o1, o2 start at 0
             at::Tensor o1b = o1[t][bh].narrow(0, i0, rows), o2b = o2[t][bh].narrow(0, i0, rows);
-            at::mm_out(o1b, s1, vb).addmm_(p, v1b);  // P1 v + P v1
-            at::mm_out(o2b, s2, vb).addmm_(s1, v1b, 1, 2).addmm_(p, v2b);  // P2 v + 2 P1 v1 + P v2
+            if (s1.defined()) o1b.addmm_(s1, vb);  // P1 v + P v1
+            if (v1b.defined()) o1b.addmm_(p, v1b);
+            if (s2.defined()) o2b.addmm_(s2, vb);  // P2 v + 2 P1 v1 + P v2
+            if (s1.defined() && v1b.defined()) o2b.addmm_(s1, v1b, 1, 2);
+            if (v2b.defined()) o2b.addmm_(p, v2b);
           }
         }
       });
     });
   }
-  return {o.view(q.sizes()), o1.view(q1.sizes()), o2.view(q1.sizes())};
+  return {o.view(q.sizes()), o1.view({n, B, H, TQ, D}), o2.view({n, B, H, TQ, D})};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fasthess, m) {
   m.def(
-      "attention_jet2(Tensor q, Tensor k, Tensor v, Tensor q1, Tensor k1, Tensor v1, Tensor q2, Tensor k2, "
-      "Tensor v2, Tensor? keep, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+      "attention_jet2(Tensor q, Tensor k, Tensor v, Tensor? q1, Tensor? k1, Tensor? v1, Tensor? q2, Tensor? k2, "
+      "Tensor? v2, Tensor? keep, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fasthess, CPU, m) { m.impl("attention_jet2", &attention_jet2_cpu); }

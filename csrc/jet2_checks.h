@@ -10,38 +10,50 @@
 namespace fasthess {
 
 // q (B, H, Tq, D); k, v (B, H, Tk, D); q1, q2 (N, *q.shape); k1, v1, k2, v2 (N, *k.shape); keep (B, Tk)
-// or none; every tensor of q's dtype and device.
-inline void check_attention_jet2_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& q1, const at::Tensor& k1, const at::Tensor& v1,
-                                        const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
-                                        const std::optional<at::Tensor>& keep) {
+// or none; every tensor of q's dtype and device. A tangent may be absent (zero); one of q1, k1, v1 must
+// be given: it sets N, which is returned.
+inline int64_t check_attention_jet2_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& q1, const std::optional<at::Tensor>& k1,
+                                           const std::optional<at::Tensor>& v1, const std::optional<at::Tensor>& q2,
+                                           const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
+                                           const std::optional<at::Tensor>& keep) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, T, D)");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
               "k and v must be (B, H, Tk, D) with the B, H, D of q");
-  const int64_t n = q1.size(0);
+  const std::optional<at::Tensor>* first = q1.has_value() ? &q1 : k1.has_value() ? &k1 : &v1;
+  TORCH_CHECK(first->has_value(), "at least one of q1, k1, v1 must be a tensor (it sets N)");
+  const int64_t n = (*first)->dim() >= 1 ? (*first)->size(0) : -1;
   for (const auto* t : {&q1, &q2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == q.sizes(),
+    TORCH_CHECK(!t->has_value() || ((*t)->dim() == 5 && (*t)->size(0) == n && (*t)->sizes().slice(1) == q.sizes()),
                 "q1, q2 must be (N, *q.shape)");
   for (const auto* t : {&k1, &v1, &k2, &v2})
-    TORCH_CHECK(t->dim() == 5 && t->size(0) == n && t->sizes().slice(1) == k.sizes(),
+    TORCH_CHECK(!t->has_value() || ((*t)->dim() == 5 && (*t)->size(0) == n && (*t)->sizes().slice(1) == k.sizes()),
                 "k1, v1, k2, v2 must be (N, *k.shape)");
-  for (const auto* t : {&k, &v, &q1, &k1, &v1, &q2, &k2, &v2}) {
+  for (const at::Tensor* t : {&k, &v}) {
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
     TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device");
+  }
+  for (const auto* t : {&q1, &k1, &v1, &q2, &k2, &v2}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->scalar_type() == q.scalar_type(), "all inputs must share one dtype");
+    TORCH_CHECK((*t)->device() == q.device(), "all inputs must be on one device");
   }
   if (keep.has_value())
     TORCH_CHECK(keep->dim() == 2 && keep->size(0) == q.size(0) && keep->size(1) == k.size(2),
                 "keep must be (B, Tk)");
+  return n;
 }
 
-// x (..., D) with D > 0; weight, bias (D,) or none; x1, x2 (N, *x.shape); one dtype and device.
+// x (..., D) with D > 0; weight, bias (D,) or none; x1 (N, *x.shape), x2 like x1 or none (zero);
+// one dtype and device.
 inline void check_layer_norm_jet2_inputs(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                          const std::optional<at::Tensor>& bias, const at::Tensor& x1,
-                                         const at::Tensor& x2) {
+                                         const std::optional<at::Tensor>& x2) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "x must be (..., D) with D > 0");
-  TORCH_CHECK(x1.dim() == x.dim() + 1 && x1.sizes().slice(1) == x.sizes() && x2.sizes() == x1.sizes(),
+  TORCH_CHECK(x1.dim() == x.dim() + 1 && x1.sizes().slice(1) == x.sizes() &&
+                  (!x2.has_value() || x2->sizes() == x1.sizes()),
               "x1 and x2 must be (N, *x.shape)");
-  for (const auto* t : {&x1, &x2}) {
+  for (const at::Tensor* t : {&x1, x2.has_value() ? &*x2 : &x1}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, x1, x2 must share one dtype");
     TORCH_CHECK(t->device() == x.device(), "x, x1, x2 must be on one device");
   }

@@ -328,3 +328,26 @@ def test_fused_ops_gradients_and_registration() -> None:
     visible = ~pad[:, None, None, :] & torch.ones(4, 4, dtype=torch.bool).tril()
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.7)
     assert torch.allclose(fused_nodes.attention_fused(q, k, v, pad, True, 0.7), want)
+
+
+@pytest.mark.parametrize("model", ["hf_bert", "decoder"])
+def test_fused_rules_pass_zero_tangents_as_none(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero second-order tangents, and the first-order tangents of attention inputs that do not depend
+    on the layer (hf_bert: its query projection; decoder: cross-attention keys/values from the memory),
+    reach the kernels as None: no zero tensors are made and the kernels skip their products."""
+    absent: dict[str, list[tuple[bool, ...]]] = {"attention_jet2": [], "layer_norm_jet2": []}
+    for family, tangents in ((attention.family, slice(3, 9)), (layer_norm.family, slice(3, 5))):
+        for name, (ok, fn) in list(family.backends.items()):
+
+            def spy(*args, _fn=fn, _key=family.name, _t=tangents, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                absent[_key].append(tuple(a is None for a in args[_t]))
+                return _fn(*args, **kwargs)
+
+            monkeypatch.setitem(family.backends, name, (ok, spy))
+    case, _ = _case(model)
+    fasthess.diag(case.model, case.loss, case.layers, num_samples=4, engine="tangent_adjoint", seed=3)
+    calls = absent["attention_jet2"]
+    assert calls and all(c[3:] == (True, True, True) for c in calls), calls  # q2 = k2 = v2 = None
+    assert any(c[:3] == (False, True, True) for c in calls), calls  # only q depends on the layer: k1 = v1 = None
+    assert not any(all(c[:3]) for c in calls)
+    assert absent["layer_norm_jet2"] and set(absent["layer_norm_jet2"]) == {(False, True)}  # x2 = None

@@ -503,3 +503,71 @@ def test_fwd_rev_hutchinson_routed_through_cuda_equals_double_backward(monkeypat
         a, b = routed.layers[name].values, plain.layers[name].values
         torch.testing.assert_close(a, b, rtol=SAME_PROBES_RTOL, atol=SAME_PROBES_RTOL * float(b.abs().max()),
                                    msg=lambda m: f"{name}: {m}")
+
+
+# --- None tangents (zero, skipped) in the attention and layer-norm GPU kernels ---
+
+ABSENT_GPU_SHAPES = SHAPES + [(1, 2, 1025, 1025, 64, 2), (2, 2, 300, 300, 128, 3)]
+
+
+@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+@pytest.mark.parametrize("shape", ABSENT_GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("causal,padded", MASKS)
+def test_gpu_backend_skips_absent_tangents(backend: str, dtype, shape, causal: bool, padded: bool, monkeypatch) -> None:
+    """Every GPU kernel with None tangents (the fused rule's q2 = k2 = v2 = None, and first-order ones
+    left out) against the reference with explicit zeros."""
+    from test_kernels_attention import ABSENT, without
+
+    if backend == "cuda-rowwise":
+        monkeypatch.setenv("FASTHESS_CUDA_ATTENTION_ROWWISE", "1")
+        backend = "cuda"
+    if backend not in family.available():
+        pytest.fail(f"backend {backend!r} is not available on this GPU machine (available: {family.available()})")
+    if backend == "triton" and shape[4] > 128:
+        pytest.skip("head dim > 128: the triton tiles would not fit in shared memory")
+    pad = padding(shape[0], shape[3], "cuda") if padded else None
+    rtol, atol = ATTENTION_JET2_VS_REFERENCE[dtype]
+    # the fused rule's calls everywhere (second order absent; also k1, v1); every mixed case on one shape and
+    # mask (each pattern is a Triton compile of its own)
+    mixed = shape == SHAPES[1] and causal and padded
+    for absent in ABSENT if mixed else (ABSENT[0], ABSENT[3]):
+        want = reference(*without(inputs(*shape, torch.float64, device="cuda"), absent)[1], causal=causal,
+                         key_padding_mask=pad)
+        got = attention_jet2(*without(inputs(*shape, dtype, device="cuda"), absent)[0], causal=causal,
+                             key_padding_mask=pad, backend=backend, precision="tf32x3")
+        torch.cuda.synchronize()
+        for name, a, b in zip(("o", "o1", "o2"), got, want):
+            assert a.dtype == dtype and a.device.type == "cuda"
+            torch.testing.assert_close(a, b.to(dtype), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{backend} {shape} without {absent} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lead,d,n,affine", LAYER_NORM_CUDA_CASES, ids=str)
+def test_gpu_layer_norm_skips_absent_x2(backend: str, dtype, lead, d: int, n: int, affine: bool) -> None:
+    from test_kernels_layer_norm import EPS, _close, inputs as ln_inputs
+
+    from fasthess.kernels import layer_norm
+
+    x, w, b, x1, x2 = ln_inputs(lead, d, n, torch.float64, affine)
+    want = layer_norm.layer_norm_jet2_reference(x, w, b, x1, torch.zeros_like(x2), EPS)
+    x, w, b, x1, _ = (t if t is None else t.cuda() for t in ln_inputs(lead, d, n, dtype, affine))
+    got = layer_norm.layer_norm_jet2(x, w, b, x1, None, EPS, backend=backend)
+    torch.cuda.synchronize()
+    _close([t.cpu() for t in got], want, dtype, f"{backend} layer norm {lead} D={d} x2=None")
+
+
+def test_cuda_opcheck_with_absent_tangents() -> None:
+    """Schemas with optional tangents, fake functions and the undefined-tensor paths of the CUDA glue."""
+    from test_kernels_attention import ABSENT, without
+    from test_kernels_layer_norm import EPS, inputs as ln_inputs
+
+    x = inputs(2, 2, 5, 6, 4, 2, torch.float64, device="cuda")
+    keep = ~padding(2, 6, "cuda")
+    for absent in ABSENT:
+        torch.library.opcheck(torch.ops.fasthess.attention_jet2.default, (*without(x, absent)[0], keep, True, 0.5))
+    with pytest.raises(RuntimeError, match="at least one of q1, k1, v1"):
+        torch.ops.fasthess.attention_jet2(*x[:3], None, None, None, *x[6:], None, False, 1.0)
+    y, w, b, y1, _ = (t.cuda() for t in ln_inputs((2, 3), 7, 2, torch.float32))
+    torch.library.opcheck(torch.ops.fasthess.layer_norm_jet2.default, (y, w, b, y1, None, EPS))

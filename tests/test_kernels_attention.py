@@ -262,9 +262,9 @@ def test_tensor_core_emulation_splits_float32_into_tf32_parts() -> None:
     assert err1 > 1e-4 and err3 < 4 * err_fp32 + 1e-7, (err1, err3, err_fp32)
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
-def test_triton_kernel_compiles_to_ptx_for_sm90(precision: str) -> None:
-    triton = pytest.importorskip("triton")
+def _triton_ptx_sm90(precision: str, has: dict[str, bool]):  # noqa: ANN202
+    """The attention kernel compiled for sm_90 at D = 64 (``has``: the HAS_* tangent flags)."""
+    import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -273,16 +273,35 @@ def test_triton_kernel_compiles_to_ptx_for_sm90(precision: str) -> None:
 
     bm, bn, bd, warps, stages = launch_config(64)
     const = dict(CAUSAL=True, HAS_KEEP=True, ACC=tl.float32, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    const |= {f"HAS_{name.upper()}": has.get(name, True) for name in TANGENTS}
     names = kernel.arg_names
     sig = {name: "*fp32" for name in names[:13]} | {"KEEP": "*i8", "scale": "fp32"}
     sig |= {name: "i32" for name in ("H", "BH", "TQ", "TK", "D")} | {c: "constexpr" for c in const}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_triton_kernel_compiles_to_ptx_for_sm90(precision: str) -> None:
+    pytest.importorskip("triton")
+    out = _triton_ptx_sm90(precision, {})
     ptx = out.asm["ptx"]
     assert ".target sm_90" in ptx and ".entry _attention_jet2_kernel" in ptx
     assert out.metadata.shared <= 227 * 1024  # fits the H100/H200 shared memory per block
     if precision == "tf32x3":  # tensor-core MMAs (Hopper wgmma) on operands split by cvt.rna.tf32
         assert "wgmma.mma_async" in ptx and "cvt.rna.tf32.f32" in ptx
+
+
+def test_triton_kernel_without_second_order_tangents_has_fewer_products() -> None:
+    """HAS_Q2 = HAS_K2 = HAS_V2 = False (the fused rule's call) compiles for sm_90 without the products
+    q2 kᵀ, q k2ᵀ and P v2: fewer tensor-core MMAs and global loads than with all six tangents."""
+    pytest.importorskip("triton")
+    full = _triton_ptx_sm90("tf32x3", {}).asm["ptx"]
+    first = _triton_ptx_sm90("tf32x3", {"q2": False, "k2": False, "v2": False}).asm["ptx"]
+    assert ".target sm_90" in first and ".entry _attention_jet2_kernel" in first
+    mma = [p.count("wgmma.mma_async") for p in (full, first)]
+    loads = [p.count("ld.global") for p in (full, first)]
+    assert mma[1] < mma[0] and loads[1] < loads[0], (mma, loads)
 
 
 CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -329,3 +348,86 @@ def test_cuda_glue_compiles_against_torch_headers(tmp_path) -> None:
            f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}", str(tmp_path / "all_glue.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+# --- None tangents: a missing tangent is zero and skipped (no zero tensor, no products) ---
+
+TANGENTS = ("q1", "k1", "v1", "q2", "k2", "v2")
+# the tangents left out (None); the first: the tangent-adjoint engine's fused rule (second order 0)
+ABSENT = [("q2", "k2", "v2"), ("k2",), ("q2", "v2"), ("k1", "v1", "q2", "k2", "v2"), ("q1", "k1", "q2", "k2", "v2"),
+          ("q1", "v1", "k2")]
+
+
+def without(x: list, absent: tuple[str, ...]) -> tuple[list, list]:
+    """``(inputs with the absent tangents None, the same with explicit zeros)``."""
+    dropped = [None if i >= 3 and TANGENTS[i - 3] in absent else t for i, t in enumerate(x)]
+    zeros = [torch.zeros_like(t) if d is None else t for t, d in zip(x, dropped)]
+    return dropped, zeros
+
+
+@pytest.mark.parametrize("absent", ABSENT, ids="-".join)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal,padded", MASKS)
+def test_cpu_backends_skip_absent_tangents(absent, shape, causal: bool, padded: bool) -> None:
+    """torch and cpp with None tangents against the reference with explicit zeros (computed once for both)."""
+    pad = padding(shape[0], shape[3]) if padded else None
+    want = reference(*without(inputs(*shape, torch.float64), absent)[1], causal=causal, key_padding_mask=pad)
+    for backend in [b for b in ("torch", "cpp") if b in family.available()]:
+        got = attention_jet2(*without(inputs(*shape, torch.float64), absent)[0], causal=causal, key_padding_mask=pad,
+                             backend=backend)
+        _close(got, want, torch.float64, f"{backend} {shape} without {absent}")
+        if absent == ABSENT[0]:  # the fused rule's case in float32 too
+            got32 = attention_jet2(*without(inputs(*shape, torch.float32), absent)[0], causal=causal,
+                                   key_padding_mask=pad, backend=backend)
+            _close(got32, want, torch.float32, f"{backend} float32 {shape} without {absent}")
+
+
+def test_absent_tangents_errors_and_opcheck() -> None:
+    x = inputs(2, 2, 5, 6, 4, 2, torch.float64)
+    with pytest.raises(ValueError, match="at least one of q1, k1, v1"):
+        attention_jet2(*x[:3], None, None, None, *x[6:])
+    with pytest.raises(ValueError, match="v2 must be"):
+        attention_jet2(*x[:8], x[8][:1])
+    if not extension_loaded():
+        return
+    with pytest.raises(RuntimeError, match="at least one of q1, k1, v1"):
+        torch.ops.fasthess.attention_jet2(*x[:3], None, None, None, *x[6:], None, False, 1.0)
+    keep = ~padding(2, 6)
+    for absent in ABSENT[:4]:
+        torch.library.opcheck(torch.ops.fasthess.attention_jet2.default, (*without(x, absent)[0], keep, True, 0.5))
+
+
+_INTERPRET_ABSENT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    sys.path.insert(0, {tests!r})
+    import torch
+    from attention_cases import inputs, padding
+    from test_kernels_attention import without
+    from tolerances import ATTENTION_JET2_VS_REFERENCE
+    from fasthess.kernels.attention.reference import attention_jet2 as reference
+    from fasthess.kernels.attention.triton_kernels import attention_jet2_triton
+    rtol, atol = ATTENTION_JET2_VS_REFERENCE[torch.float32]
+    for shape, causal, padded, absent in {cases!r}:
+        pad = padding(shape[0], shape[3]) if padded else None
+        want = reference(*without(inputs(*shape, torch.float64), absent)[1], causal=causal, key_padding_mask=pad)
+        got = attention_jet2_triton(*without(inputs(*shape, torch.float32), absent)[0], causal=causal,
+                                    key_padding_mask=pad)
+        for name, a, b in zip(("o", "o1", "o2"), got, want):
+            torch.testing.assert_close(a, b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{{shape}} {{name}}: {{m}}")
+        print("ok", shape, causal, padded, absent)
+    """
+)
+
+
+def test_triton_kernel_skips_absent_tangents_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    cases = [((2, 2, 7, 7, 5, 2), True, True, ABSENT[0]), ((1, 1, 97, 97, 16, 2), False, True, ABSENT[1]),
+             ((2, 1, 5, 40, 8, 1), False, False, ABSENT[3]), ((2, 3, 7, 7, 5, 3), True, False, ABSENT[4]),
+             ((1, 1, 1, 1, 4, 1), True, False, ABSENT[5]), ((2, 1, 5, 11, 8, 2), False, True, ABSENT[2])]
+    script = _INTERPRET_ABSENT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ok") == len(cases)

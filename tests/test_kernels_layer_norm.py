@@ -69,6 +69,20 @@ def test_cpu_backends_match_reference(backend: str, dtype, lead, d: int, n: int,
     _close(got, want, dtype, f"{backend} {lead} D={d}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lead,d,n,affine", [((1,), 1, 1, True), ((2, 3), 97, 2, True), ((3,), 1025, 3, False),
+                                             ((2, 1), 97, 1, False)])
+def test_cpu_backends_skip_absent_x2(backend: str, dtype, lead, d: int, n: int, affine: bool) -> None:
+    """x2=None (a zero second-order tangent, not materialised) gives the reference with explicit zeros."""
+    if backend not in family.available():
+        pytest.skip(f"{backend} not built")
+    x, w, b, x1, x2 = inputs(lead, d, n, torch.float64, affine)
+    want = reference(x, w, b, x1, torch.zeros_like(x2), EPS)
+    x, w, b, x1, _ = inputs(lead, d, n, dtype, affine)
+    _close(layer_norm_jet2(x, w, b, x1, None, EPS, backend=backend), want, dtype, f"{backend} {lead} D={d} x2=None")
+
+
 @pytest.mark.skipif("cpp" not in family.available(), reason="C++ extension not built")
 def test_cpp_bfloat16_and_no_tangents() -> None:
     want = reference(*inputs((4,), 97, 2, torch.float64), EPS)
@@ -84,6 +98,7 @@ def test_cpp_opcheck_and_errors() -> None:
     x, w, b, x1, x2 = inputs((2, 3), 7, 2, torch.float64)
     torch.library.opcheck(torch.ops.fasthess.layer_norm_jet2.default, (x, w, b, x1, x2, EPS))
     torch.library.opcheck(torch.ops.fasthess.layer_norm_jet2.default, (x, None, None, x1, x2, EPS))
+    torch.library.opcheck(torch.ops.fasthess.layer_norm_jet2.default, (x, w, b, x1, None, EPS))
     with pytest.raises(RuntimeError, match=r"x1 and x2 must be \(N, \*x.shape\)"):
         torch.ops.fasthess.layer_norm_jet2(x, w, b, x1[:, :1], x2, EPS)
     with pytest.raises(RuntimeError, match="weight must be"):
@@ -113,19 +128,26 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     from test_kernels_layer_norm import EPS, inputs, _close
     from fasthess.kernels.layer_norm.reference import layer_norm_jet2 as reference
     from fasthess.kernels.layer_norm.triton_kernels import layer_norm_jet2_triton
-    for lead, d, n, affine, dtype in {cases!r}:
+    for lead, d, n, affine, dtype, has_x2 in {cases!r}:
         dtype = getattr(torch, dtype)
-        want = reference(*inputs(lead, d, n, torch.float64, affine), EPS)
-        _close(layer_norm_jet2_triton(*inputs(lead, d, n, dtype, affine), EPS), want, dtype, f"triton {{lead}} {{d}}")
-        print("ok", lead, d, n, affine, dtype)
+        x, w, b, x1, x2 = inputs(lead, d, n, torch.float64, affine)
+        want = reference(x, w, b, x1, x2 if has_x2 else torch.zeros_like(x2), EPS)
+        x, w, b, x1, x2 = inputs(lead, d, n, dtype, affine)
+        got = layer_norm_jet2_triton(x, w, b, x1, x2 if has_x2 else None, EPS)
+        _close(got, want, dtype, f"triton {{lead}} {{d}} x2 given: {{has_x2}}")
+        print("ok", lead, d, n, affine, dtype, has_x2)
     """
 )
 
 
 def test_triton_kernel_under_interpreter() -> None:
     pytest.importorskip("triton")
-    cases = [((1,), 1, 1, True, "float32"), ((5, 3), 97, 2, True, "float32"), ((3,), 1025, 2, False, "float32"),
-             ((17,), 97, 1, True, "float64"), ((2,), 1025, 1, True, "float64")]
+    cases = [((1,), 1, 1, True, "float32", True), ((5, 3), 97, 2, True, "float32", True),
+             ((3,), 1025, 2, False, "float32", True), ((17,), 97, 1, True, "float64", True),
+             ((2,), 1025, 1, True, "float64", True),
+             # x2 = None: the kernel compiled without it
+             ((1,), 1, 1, True, "float32", False), ((5, 3), 97, 2, True, "float32", False),
+             ((3,), 1025, 2, False, "float32", False), ((17,), 97, 1, True, "float64", False)]
     script = _INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -133,9 +155,8 @@ def test_triton_kernel_under_interpreter() -> None:
     assert res.stdout.count("ok") == len(cases)
 
 
-@pytest.mark.parametrize("d", [97, 1025])
-def test_triton_kernel_compiles_to_ptx_for_sm90(d: int) -> None:
-    triton = pytest.importorskip("triton")
+def _triton_ptx_sm90(d: int, has_x2: bool) -> str:
+    import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -143,11 +164,25 @@ def test_triton_kernel_compiles_to_ptx_for_sm90(d: int) -> None:
     from fasthess.kernels.layer_norm.triton_kernels import _layer_norm_jet2_kernel as kernel, launch_config
 
     block_r, block_d, warps = launch_config(d)
-    const = dict(HAS_W=True, HAS_B=True, ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
+    const = dict(HAS_W=True, HAS_B=True, HAS_X2=has_x2, ACC=tl.float32, BLOCK_R=block_r, BLOCK_D=block_d)
     names = kernel.arg_names
     sig = {name: "*fp32" for name in names[:8]} | {"R": "i32", "N": "i32", "D": "i32", "eps": "fp32"}
     sig |= {c: "constexpr" for c in const}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(c),): v for c, v in const.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    ptx = out.asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+@pytest.mark.parametrize("d", [97, 1025])
+def test_triton_kernel_compiles_to_ptx_for_sm90(d: int) -> None:
+    pytest.importorskip("triton")
+    ptx = _triton_ptx_sm90(d, True)
     assert ".target sm_90" in ptx and ".entry _layer_norm_jet2_kernel" in ptx
+
+
+def test_triton_kernel_without_x2_compiles_without_its_loads() -> None:
+    """HAS_X2 = False (x2 = None, the fused rule's call): no loads of x2 in the sm_90 PTX."""
+    pytest.importorskip("triton")
+    with_x2, without_x2 = (_triton_ptx_sm90(97, has) for has in (True, False))
+    assert ".entry _layer_norm_jet2_kernel" in without_x2
+    assert without_x2.count("ld.global") < with_x2.count("ld.global"), (without_x2.count("ld.global"),
+                                                                          with_x2.count("ld.global"))

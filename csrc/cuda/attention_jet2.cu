@@ -8,6 +8,10 @@
 // and three D-vectors A = Σw v, C1 = Σw (s1 v + v1), C2 = Σw ((s2 + s1²) v + 2 s1 v1 + v2), all
 // rescaled by exp(m_old − m_new) when the max grows; the derivation is in
 // fasthess/kernels/attention/online.py. No T×T tensor exists. Accumulates in T (float or double).
+// A null tangent pointer is a zero tangent: the kernels are instantiated with SECOND = false when
+// q2, k2, v2 are all null (no reads of them, no q2·k, q·k2, P·v2 products, fewer shared-memory
+// stores); any other null tangent is read as 0 (no global read; its products still run, a
+// warp-uniform pattern that is not worth more template instances).
 #include "attention_jet2.h"
 
 #include <math.h>
@@ -32,7 +36,14 @@ __device__ __forceinline__ T warp_max(T x) {
   return x;
 }
 
-template <typename T, int DPL>  // DPL: output columns per lane (D <= 32 * DPL)
+// a tangent entry, 0 for an absent (null) tangent
+template <typename T>
+__device__ __forceinline__ T at_or_zero(const T* __restrict__ p, int64_t i) {
+  return p != nullptr ? p[i] : T(0);
+}
+
+// DPL: output columns per lane (D <= 32 * DPL); SECOND: some of q2, k2, v2 is given
+template <typename T, int DPL, bool SECOND>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_jet2_rowwise_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           const T* __restrict__ q1, const T* __restrict__ k1, const T* __restrict__ v1,
@@ -54,8 +65,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t qtoff = ((n * BH + bh) * TQ + i) * (int64_t)D;
   for (int d = lane; d < D; d += 32) {
     sq[d] = q[qoff + d];
-    sq1[d] = q1[qtoff + d];
-    sq2[d] = q2[qtoff + d];
+    sq1[d] = at_or_zero(q1, qtoff + d);
+    if (SECOND) sq2[d] = at_or_zero(q2, qtoff + d);
   }
   __syncwarp();
 
@@ -76,13 +87,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     T s = 0, s1 = 0, s2 = 0;
     if (vis) {
       const T* kr = k + kb + (int64_t)j * D;
-      const T* k1r = k1 + ktb + (int64_t)j * D;
-      const T* k2r = k2 + ktb + (int64_t)j * D;
+      const int64_t krow = ktb + (int64_t)j * D;  // the key's row in k1, k2
       for (int d = 0; d < D; ++d) {
-        const T kd = kr[d], k1d = k1r[d], k2d = k2r[d], qd = sq[d], q1d = sq1[d];
+        const T kd = kr[d], k1d = at_or_zero(k1, krow + d), qd = sq[d], q1d = sq1[d];
         s += qd * kd;
         s1 += q1d * kd + qd * k1d;
-        s2 += sq2[d] * kd + T(2) * q1d * k1d + qd * k2d;
+        s2 += T(2) * q1d * k1d;
+        if (SECOND) s2 += sq2[d] * kd + qd * at_or_zero(k2, krow + d);
       }
       s *= scale;
       s1 *= scale;
@@ -115,10 +126,11 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int t = 0; t < DPL; ++t) {
         const int d = lane + 32 * t;
         if (d < D) {
-          const T vv = v[kb + r + d], vv1 = v1[ktb + r + d], vv2 = v2[ktb + r + d];
+          const T vv = v[kb + r + d], vv1 = at_or_zero(v1, ktb + r + d);
           acc0[t] += wj * vv;
           acc1[t] += c1 * vv + wj * vv1;
-          acc2[t] += c2 * vv + c3 * vv1 + wj * vv2;
+          acc2[t] += c2 * vv + c3 * vv1;
+          if (SECOND) acc2[t] += wj * at_or_zero(v2, ktb + r + d);
         }
       }
     }
@@ -151,7 +163,7 @@ size_t tiled_smem_bytes(int D) {
   return sizeof(T) * (3 * kChunk * (size_t)(D + 1) + 3 * kChunk * (size_t)D + kWarps * kRowsPerWarp * 3 * (size_t)D);
 }
 
-template <typename T, int DPL>
+template <typename T, int DPL, bool SECOND>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_jet2_tiled_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 const T* __restrict__ q1, const T* __restrict__ k1, const T* __restrict__ v1,
@@ -181,8 +193,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const bool in = i < TQ;
     const int64_t qo = (bh * TQ + i) * (int64_t)D + d, qt = ((n * BH + bh) * TQ + i) * (int64_t)D + d;
     qs[(r * 3 + 0) * D + d] = in ? q[qo] : T(0);
-    qs[(r * 3 + 1) * D + d] = in ? q1[qt] : T(0);
-    qs[(r * 3 + 2) * D + d] = in ? q2[qt] : T(0);
+    qs[(r * 3 + 1) * D + d] = in ? at_or_zero(q1, qt) : T(0);
+    if (SECOND) qs[(r * 3 + 2) * D + d] = in ? at_or_zero(q2, qt) : T(0);
   }
 
   const T neg_inf = -INFINITY;
@@ -204,11 +216,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       const bool in = j < TK;
       const int64_t g = (int64_t)j * D + d;
       ks[jj * DP + d] = in ? k[kb + g] : T(0);
-      k1s[jj * DP + d] = in ? k1[ktb + g] : T(0);
-      k2s[jj * DP + d] = in ? k2[ktb + g] : T(0);
+      k1s[jj * DP + d] = in ? at_or_zero(k1, ktb + g) : T(0);
       vs[jj * D + d] = in ? v[kb + g] : T(0);
-      v1s[jj * D + d] = in ? v1[ktb + g] : T(0);
-      v2s[jj * D + d] = in ? v2[ktb + g] : T(0);
+      v1s[jj * D + d] = in ? at_or_zero(v1, ktb + g) : T(0);
+      if (SECOND) {
+        k2s[jj * DP + d] = in ? at_or_zero(k2, ktb + g) : T(0);
+        v2s[jj * D + d] = in ? at_or_zero(v2, ktb + g) : T(0);
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -225,10 +239,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         const T* k1r = k1s + lane * DP;
         const T* k2r = k2s + lane * DP;
         for (int d = 0; d < D; ++d) {
-          const T kd = kr[d], k1d = k1r[d], k2d = k2r[d], qd = qr[d], q1d = qr[D + d];
+          const T kd = kr[d], k1d = k1r[d], qd = qr[d], q1d = qr[D + d];
           s += qd * kd;
           s1 += q1d * kd + qd * k1d;
-          s2 += qr[2 * D + d] * kd + T(2) * q1d * k1d + qd * k2d;
+          s2 += T(2) * q1d * k1d;
+          if (SECOND) s2 += qr[2 * D + d] * kd + qd * k2r[d];
         }
         s *= scale;
         s1 *= scale;
@@ -261,10 +276,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         for (int t = 0; t < DPL; ++t) {
           const int d = lane + 32 * t;
           if (d < D) {
-            const T vv = vs[jj * D + d], vv1 = v1s[jj * D + d], vv2 = v2s[jj * D + d];
+            const T vv = vs[jj * D + d], vv1 = v1s[jj * D + d];
             acc0[r][t] += wj * vv;
             acc1[r][t] += c1 * vv + wj * vv1;
-            acc2[r][t] += c2 * vv + c3 * vv1 + wj * vv2;
+            acc2[r][t] += c2 * vv + c3 * vv1;
+            if (SECOND) acc2[r][t] += wj * v2s[jj * D + d];
           }
         }
       }
@@ -292,20 +308,19 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T, int DPL>
+template <typename T, int DPL, bool SECOND>
 cudaError_t launch_rowwise(const T* q, const T* k, const T* v, const T* q1, const T* k1, const T* v1, const T* q2,
                            const T* k2, const T* v2, const uint8_t* keep, T* o, T* o1, T* o2, int B, int H, int TQ,
                            int TK, int D, int N, T scale, bool causal, cudaStream_t stream) {
   const dim3 grid((TQ + kWarps - 1) / kWarps, B * H, N);
   const size_t smem = sizeof(T) * kWarps * 3 * D;
-  attention_jet2_rowwise_kernel<T, DPL><<<grid, kWarps * 32, smem, stream>>>(q, k, v, q1, k1, v1, q2, k2, v2, keep,
-                                                                              o, o1, o2, H, B * H, TQ, TK, D, scale,
-                                                                              causal);
+  attention_jet2_rowwise_kernel<T, DPL, SECOND><<<grid, kWarps * 32, smem, stream>>>(
+      q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, H, B * H, TQ, TK, D, scale, causal);
   return cudaGetLastError();
 }
 
 // The tiled kernel when its shared memory fits the device's per-block opt-in limit, else the rowwise one.
-template <typename T, int DPL>
+template <typename T, int DPL, bool SECOND>
 cudaError_t launch(const T* q, const T* k, const T* v, const T* q1, const T* k1, const T* v1, const T* q2,
                    const T* k2, const T* v2, const uint8_t* keep, T* o, T* o1, T* o2, int B, int H, int TQ, int TK,
                    int D, int N, T scale, bool causal, cudaStream_t stream) {
@@ -318,18 +333,32 @@ cudaError_t launch(const T* q, const T* k, const T* v, const T* q1, const T* k1,
   const bool rowwise = force != nullptr && force[0] == '1';
   if constexpr (DPL <= 4) {  // D <= 128: the 3 · 4 · DPL accumulators per lane stay in registers
     if (!rowwise && smem <= (size_t)optin) {
-      err = cudaFuncSetAttribute(attention_jet2_tiled_kernel<T, DPL>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem);
+      err = cudaFuncSetAttribute(attention_jet2_tiled_kernel<T, DPL, SECOND>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
       if (err != cudaSuccess) return err;
       const int rows = kWarps * kRowsPerWarp;
       const dim3 grid((TQ + rows - 1) / rows, B * H, N);
-      attention_jet2_tiled_kernel<T, DPL><<<grid, kWarps * 32, smem, stream>>>(
+      attention_jet2_tiled_kernel<T, DPL, SECOND><<<grid, kWarps * 32, smem, stream>>>(
           q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, H, B * H, TQ, TK, D, scale, causal);
       return cudaGetLastError();
     }
   }
-  return launch_rowwise<T, DPL>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale, causal,
-                                stream);
+  return launch_rowwise<T, DPL, SECOND>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale,
+                                        causal, stream);
+}
+
+template <typename T, bool SECOND>
+cudaError_t launch_d(const T* q, const T* k, const T* v, const T* q1, const T* k1, const T* v1, const T* q2,
+                     const T* k2, const T* v2, const uint8_t* keep, T* o, T* o1, T* o2, int B, int H, int TQ, int TK,
+                     int D, int N, T scale, bool causal, cudaStream_t stream) {
+#define FASTHESS_LAUNCH(DPL)                                                                                        \
+  return launch<T, DPL, SECOND>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale, causal, \
+                                stream)
+  if (D <= 32) FASTHESS_LAUNCH(1);
+  if (D <= 64) FASTHESS_LAUNCH(2);
+  if (D <= 128) FASTHESS_LAUNCH(4);
+  FASTHESS_LAUNCH(8);
+#undef FASTHESS_LAUNCH
 }
 
 }  // namespace
@@ -341,13 +370,11 @@ cudaError_t attention_jet2(const T* q, const T* k, const T* v, const T* q1, cons
                            cudaStream_t stream) {
   if (B * H > 65535 || N > 65535 || D < 1 || D > 256 || TQ < 0 || TK < 0) return cudaErrorInvalidValue;
   if (TQ == 0 || N == 0 || B * H == 0) return cudaSuccess;
-#define FASTHESS_LAUNCH(DPL) \
-  return launch<T, DPL>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale, causal, stream)
-  if (D <= 32) FASTHESS_LAUNCH(1);
-  if (D <= 64) FASTHESS_LAUNCH(2);
-  if (D <= 128) FASTHESS_LAUNCH(4);
-  FASTHESS_LAUNCH(8);
-#undef FASTHESS_LAUNCH
+  if (q2 == nullptr && k2 == nullptr && v2 == nullptr)  // second-order tangents 0: compiled out
+    return launch_d<T, false>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale, causal,
+                              stream);
+  return launch_d<T, true>(q, k, v, q1, k1, v1, q2, k2, v2, keep, o, o1, o2, B, H, TQ, TK, D, N, scale, causal,
+                           stream);
 }
 
 template cudaError_t attention_jet2<float>(const float*, const float*, const float*, const float*, const float*,

@@ -1,7 +1,8 @@
 // Attention 2-jet CUDA kernel: plain CUDA (raw pointers + stream), no torch headers.
 // Layout, all contiguous: q (B·H, Tq, D); k, v (B·H, Tk, D); q1, q2 (N, B·H, Tq, D);
-// k1, v1, k2, v2 (N, B·H, Tk, D); keep (B, Tk) bytes, 1 = visible key, or nullptr;
-// outputs o like q, o1 and o2 like q1. Spec: fasthess/kernels/attention/reference.py.
+// k1, v1, k2, v2 (N, B·H, Tk, D); each tangent may be nullptr (zero; one of q1, k1, v1 is given);
+// keep (B, Tk) bytes, 1 = visible key, or nullptr; outputs o like q, o1 and o2 (N, B·H, Tq, D).
+// Spec: fasthess/kernels/attention/reference.py.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>

@@ -13,11 +13,11 @@ namespace fasthess {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q1, const at::Tensor& k1,
-    const at::Tensor& v1, const at::Tensor& q2, const at::Tensor& k2, const at::Tensor& v2,
-    const c10::optional<at::Tensor>& keep_opt, bool causal, double scale) {
-  check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
-  const int64_t n = q1.size(0);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q1,
+    const std::optional<at::Tensor>& k1, const std::optional<at::Tensor>& v1, const std::optional<at::Tensor>& q2,
+    const std::optional<at::Tensor>& k2, const std::optional<at::Tensor>& v2,
+    const std::optional<at::Tensor>& keep_opt, bool causal, double scale) {
+  const int64_t n = check_attention_jet2_inputs(q, k, v, q1, k1, v1, q2, k2, v2, keep_opt);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "the CUDA attention_jet2 kernel takes float32 or float64");
   TORCH_CHECK(q.size(3) <= 256, "head dim must be <= 256");
@@ -27,16 +27,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cuda(
   at::Tensor keep;
   if (keep_opt.has_value()) keep = keep_opt->to(q.device(), at::kByte).contiguous();
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  auto q1c = q1.contiguous(), k1c = k1.contiguous(), v1c = v1.contiguous();
-  auto q2c = q2.contiguous(), k2c = k2.contiguous(), v2c = v2.contiguous();
-  auto o = at::zeros_like(qc), o1 = at::zeros_like(q1c), o2 = at::zeros_like(q1c);
+  // an absent tangent stays undefined and reaches the kernel as nullptr (zero, skipped)
+  auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  auto q1c = opt(q1), k1c = opt(k1), v1c = opt(v1), q2c = opt(q2), k2c = opt(k2), v2c = opt(v2);
+  auto o = at::zeros_like(qc), o1 = at::zeros({n, B, H, TQ, D}, q.options()), o2 = at::zeros_like(o1);
   cudaError_t err = cudaSuccess;
   const auto stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jet2_cuda", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     err = fasthess_cuda::attention_jet2<scalar_t>(
-        qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), q1c.data_ptr<scalar_t>(),
-        k1c.data_ptr<scalar_t>(), v1c.data_ptr<scalar_t>(), q2c.data_ptr<scalar_t>(), k2c.data_ptr<scalar_t>(),
-        v2c.data_ptr<scalar_t>(), keep.defined() ? keep.data_ptr<uint8_t>() : nullptr, o.data_ptr<scalar_t>(),
+        qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), ptr(q1c), ptr(k1c), ptr(v1c),
+        ptr(q2c), ptr(k2c), ptr(v2c), keep.defined() ? keep.data_ptr<uint8_t>() : nullptr, o.data_ptr<scalar_t>(),
         o1.data_ptr<scalar_t>(), o2.data_ptr<scalar_t>(), (int)B, (int)H, (int)TQ, (int)TK, (int)D, (int)n,
         static_cast<scalar_t>(scale), causal, stream);
   });

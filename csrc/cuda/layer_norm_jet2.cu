@@ -8,6 +8,7 @@
 //  * block (any D): one block of 256 threads per row, strided loops that re-read the row from
 //    global memory (L1/L2-resident: one row is D values) for each pass, block reductions.
 // Accumulates in T (float or double), two-pass variance (no E[x²] - E[x]² cancellation).
+// x2 == nullptr (second-order tangent 0) selects the HAS_X2 = false instances: no reads of x2, no u2, s2.
 #include "layer_norm_jet2.h"
 
 namespace fasthess_cuda {
@@ -44,7 +45,7 @@ __device__ __forceinline__ void block_sums(T (&v)[K], T* scratch) {
   }
 }
 
-template <typename T, int VPL>
+template <typename T, int VPL, bool HAS_X2>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     layer_norm_jet2_warp_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                                 const T* __restrict__ x1, const T* __restrict__ x2, T* __restrict__ y,
@@ -86,35 +87,37 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int t = 0; t < VPL; ++t) {
       const int d = lane + 32 * t;
       a[t] = d < D ? x1[off + d] : T(0);
-      c[t] = d < D ? x2[off + d] : T(0);
+      c[t] = HAS_X2 && d < D ? x2[off + d] : T(0);
       sa += a[t];
       sc += c[t];
     }
-    const T m1 = warp_sum(sa) * inv_d, m2 = warp_sum(sc) * inv_d;
+    const T m1 = warp_sum(sa) * inv_d, m2 = HAS_X2 ? warp_sum(sc) * inv_d : T(0);
     T s1 = 0, q = 0, s2 = 0;
 #pragma unroll
     for (int t = 0; t < VPL; ++t) {
       const bool in = lane + 32 * t < D;
       a[t] = in ? (a[t] - m1) * r : T(0);  // u1
-      c[t] = in ? (c[t] - m2) * r : T(0);  // u2
       s1 += xh[t] * a[t];
       q += a[t] * a[t];
-      s2 += xh[t] * c[t];
+      if (HAS_X2) {
+        c[t] = in ? (c[t] - m2) * r : T(0);  // u2
+        s2 += xh[t] * c[t];
+      }
     }
     s1 = warp_sum(s1) * inv_d;
-    const T coef = T(3) * s1 * s1 - (warp_sum(q) + warp_sum(s2)) * inv_d;
+    const T coef = T(3) * s1 * s1 - (warp_sum(q) + (HAS_X2 ? warp_sum(s2) : T(0))) * inv_d;
 #pragma unroll
     for (int t = 0; t < VPL; ++t) {
       const int d = lane + 32 * t;
       if (d < D) {
         y1[off + d] = w[t] * (a[t] - s1 * xh[t]);
-        y2[off + d] = w[t] * (c[t] - T(2) * s1 * a[t] + coef * xh[t]);
+        y2[off + d] = w[t] * ((HAS_X2 ? c[t] : T(0)) - T(2) * s1 * a[t] + coef * xh[t]);
       }
     }
   }
 }
 
-template <typename T>
+template <typename T, bool HAS_X2>
 __global__ void __launch_bounds__(kBlockThreads)
     layer_norm_jet2_block_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                                  const T* __restrict__ x1, const T* __restrict__ x2, T* __restrict__ y,
@@ -141,21 +144,22 @@ __global__ void __launch_bounds__(kBlockThreads)
     T m[2] = {T(0), T(0)};
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       m[0] += x1[off + d];
-      m[1] += x2[off + d];
+      if (HAS_X2) m[1] += x2[off + d];
     }
     block_sums(m, scratch);
     const T m1 = m[0] * inv_d, m2 = m[1] * inv_d;
     T st[3] = {T(0), T(0), T(0)};  // Σ x̂ u1, Σ u1², Σ x̂ u2
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const T xh = (x[base + d] - mean) * r, u1 = (x1[off + d] - m1) * r, u2 = (x2[off + d] - m2) * r;
+      const T xh = (x[base + d] - mean) * r, u1 = (x1[off + d] - m1) * r;
       st[0] += xh * u1;
       st[1] += u1 * u1;
-      st[2] += xh * u2;
+      if (HAS_X2) st[2] += xh * (x2[off + d] - m2) * r;
     }
     block_sums(st, scratch);
     const T s1 = st[0] * inv_d, coef = T(3) * s1 * s1 - (st[1] + st[2]) * inv_d;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const T xh = (x[base + d] - mean) * r, u1 = (x1[off + d] - m1) * r, u2 = (x2[off + d] - m2) * r;
+      const T xh = (x[base + d] - mean) * r, u1 = (x1[off + d] - m1) * r;
+      const T u2 = HAS_X2 ? (x2[off + d] - m2) * r : T(0);
       const T w = weight != nullptr ? weight[d] : T(1);
       y1[off + d] = w * (u1 - s1 * xh);
       y2[off + d] = w * (u2 - T(2) * s1 * u1 + coef * xh);
@@ -168,8 +172,12 @@ cudaError_t launch_warp(const T* x, const T* weight, const T* bias, const T* x1,
                         int64_t R, int64_t D, int64_t N, T eps, cudaStream_t stream) {
   const int64_t blocks = (R + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  layer_norm_jet2_warp_kernel<T, VPL><<<(unsigned)blocks, kWarpsPerBlock * 32, 0, stream>>>(
-      x, weight, bias, x1, x2, y, y1, y2, R, (int)D, N, eps);
+  if (x2 != nullptr)
+    layer_norm_jet2_warp_kernel<T, VPL, true><<<(unsigned)blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        x, weight, bias, x1, x2, y, y1, y2, R, (int)D, N, eps);
+  else
+    layer_norm_jet2_warp_kernel<T, VPL, false><<<(unsigned)blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        x, weight, bias, x1, x2, y, y1, y2, R, (int)D, N, eps);
   return cudaGetLastError();
 }
 
@@ -187,8 +195,12 @@ cudaError_t layer_norm_jet2(const T* x, const T* weight, const T* bias, const T*
   if (D <= 256) return launch_warp<T, 8>(x, weight, bias, x1, x2, y, y1, y2, R, D, N, e, stream);
   if (D <= 32 * kMaxVpl) return launch_warp<T, kMaxVpl>(x, weight, bias, x1, x2, y, y1, y2, R, D, N, e, stream);
   if (R > 0x7fffffff) return cudaErrorInvalidValue;
-  layer_norm_jet2_block_kernel<T><<<(unsigned)R, kBlockThreads, 0, stream>>>(x, weight, bias, x1, x2, y, y1, y2, R, D,
-                                                                            N, e);
+  if (x2 != nullptr)
+    layer_norm_jet2_block_kernel<T, true><<<(unsigned)R, kBlockThreads, 0, stream>>>(x, weight, bias, x1, x2, y, y1,
+                                                                                     y2, R, D, N, e);
+  else
+    layer_norm_jet2_block_kernel<T, false><<<(unsigned)R, kBlockThreads, 0, stream>>>(x, weight, bias, x1, x2, y, y1,
+                                                                                      y2, R, D, N, e);
   return cudaGetLastError();
 }
 

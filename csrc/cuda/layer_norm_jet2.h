@@ -1,6 +1,7 @@
 // Layer-norm 2-jet CUDA kernel: plain CUDA (raw pointers + stream), no torch headers.
 // Layout, all contiguous: x (R, D) (the rows of x.reshape(-1, D)); weight, bias (D,) or nullptr;
-// x1, x2 (N, R, D); outputs y like x, y1 and y2 like x1. Spec: fasthess/kernels/layer_norm/reference.py.
+// x1 (N, R, D), x2 like x1 or nullptr (zero, skipped); outputs y like x, y1 and y2 like x1.
+// Spec: fasthess/kernels/layer_norm/reference.py.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>

@@ -16,14 +16,15 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_jet2_cuda(const at::Tensor& x,
                                                                     const std::optional<at::Tensor>& weight,
                                                                     const std::optional<at::Tensor>& bias,
-                                                                    const at::Tensor& x1, const at::Tensor& x2,
-                                                                    double eps) {
+                                                                    const at::Tensor& x1,
+                                                                    const std::optional<at::Tensor>& x2, double eps) {
   check_layer_norm_jet2_inputs(x, weight, bias, x1, x2);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "the CUDA layer_norm_jet2 kernel takes float32 or float64, got ", x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t D = x.size(-1), R = x.numel() / D, N = x1.size(0);
-  auto xc = x.contiguous(), x1c = x1.contiguous(), x2c = x2.contiguous();
+  auto xc = x.contiguous(), x1c = x1.contiguous();
+  const auto x2c = x2.has_value() ? x2->contiguous() : at::Tensor();  // undefined: zero, skipped by the kernel
   const auto wc = weight.has_value() ? weight->contiguous() : at::Tensor();
   const auto bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto y = at::empty_like(xc), y1 = at::empty_like(x1c), y2 = at::empty_like(x1c);
@@ -32,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_jet2_cuda(const at::Te
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_jet2_cuda", [&] {
     err = fasthess_cuda::layer_norm_jet2<scalar_t>(
         xc.data_ptr<scalar_t>(), wc.defined() ? wc.data_ptr<scalar_t>() : nullptr,
-        bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, x1c.data_ptr<scalar_t>(), x2c.data_ptr<scalar_t>(),
+        bc.defined() ? bc.data_ptr<scalar_t>() : nullptr, x1c.data_ptr<scalar_t>(),
+        x2c.defined() ? x2c.data_ptr<scalar_t>() : nullptr,
         y.data_ptr<scalar_t>(), y1.data_ptr<scalar_t>(), y2.data_ptr<scalar_t>(), R, D, N, eps, stream);
   });
   TORCH_CHECK(err == cudaSuccess, "layer_norm_jet2 CUDA launch failed: ", cudaGetErrorString(err));

@@ -560,32 +560,22 @@ def log_softmax_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: l
 # ----------------------------------------------------------------------------- fused nodes (fasthess.fused_nodes)
 
 
-def _zeros_like_batched(x: Tensor, k: int) -> Tensor:
-    return x.new_zeros((k, *x.shape))
-
-
 def attention_fused_rule(
     node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
 ) -> RuleResult:
     """``fasthess::attention_fused``: the attention 2-jet kernel with second-order input tangents 0.
 
-    Then ``o2 = f''[ẋ, ẋ]``, so the contribution is ``⟨λ, o2⟩`` per direction; inputs that do
-    not depend on the layer get zero tangents (the kernels take all three).
+    Then ``o2 = f''[ẋ, ẋ]``, so the contribution is ``⟨λ, o2⟩`` per direction. The zero
+    second-order tangents, and the first-order tangents of inputs that do not depend on the layer,
+    go to the kernel as ``None``: no zero tensors, and their products are skipped.
     """
     from ..kernels.attention import attention_jet2, family
     from ..kernels.registry import preferred_backend
 
     (q, k, v, mask, causal, scale), _ = tree_unflatten(list(primal), node.spec)
     (tq, tk, tv, *_), _ = tree_unflatten([_densify(t) for t in tans], node.spec)
-    n = next(t.shape[0] for t in (tq, tk, tv) if t is not None)
-    zq, zk = _zeros_like_batched(q, n), _zeros_like_batched(k, n)  # second-order tangents (zk serves k and v)
-    tq = zq if tq is None else tq
-    tk = zk if tk is None else tk
-    tv = zk if tv is None else tv
     backend = preferred_backend(family.name, family.backends)
-    _, o1, o2 = attention_jet2(
-        q, k, v, tq, tk, tv, zq, zk, zk, causal=causal, key_padding_mask=mask, scale=scale, backend=backend
-    )
+    _, o1, o2 = attention_jet2(q, k, v, tq, tk, tv, causal=causal, key_padding_mask=mask, scale=scale, backend=backend)
     return [o1], (_k_sum(o2.mul_(lams[0])) if lams[0] is not None else None)
 
 
@@ -608,7 +598,8 @@ def layer_norm_fused_rule(
     if tx is not None:
         backend = preferred_backend(family.name, family.backends)
         # weight folded into the kernel unless it carries a tangent itself
-        xh, out, second = layer_norm_jet2(x, w if tw is None else None, None, tx, torch.zeros_like(tx), eps, backend)
+        # second-order input tangent 0: None, skipped by the kernel
+        xh, out, second = layer_norm_jet2(x, w if tw is None else None, None, tx, None, eps, backend)
         if tw is not None:
             second = second * w + 2 * out * tw
             out = out * w + xh * tw

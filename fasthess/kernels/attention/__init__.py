@@ -18,6 +18,10 @@ precision, which satisfies every setting. Hence ``"auto"`` on a GPU picks Triton
 on scalar FMAs and are slower than the reference); float64 goes to the CUDA kernel. The default
 stays ``"ieee"`` until an H200 run has measured ``"tf32x3"``'s error and speed (only emulated so far).
 
+A ``None`` tangent (any of ``q1, k1, v1, q2, k2, v2``, one of the first three given) is zero and
+skipped by every backend: the fused rule of the tangent-adjoint engine passes the second-order
+tangents as ``None``, which drops ``q2 kᵀ``, ``q k2ᵀ`` and ``P v2`` and their reads.
+
 The spec is :func:`.reference.attention_jet2` (nested ``torch.func.jvp`` on the math path).
 """
 
@@ -102,29 +106,37 @@ def select_backend(backend: str, device: str, dtype: torch.dtype, precision: str
     return family.select(backend, device, dtype, exclude=exclude)
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, tangents: list[Tensor]) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, tangents: list[Tensor | None]) -> int:
+    """Validate the inputs; returns ``N`` (the leading dim of the given tangents)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k and v must be (B, H, Tk, D) with q's B, H, D; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    n = tangents[0].shape[0]
+    first = next((t for t in tangents[:3] if t is not None), None)
+    if first is None:
+        raise ValueError("at least one of q1, k1, v1 must be a tensor (it sets N); pass zeros for an all-zero "
+                         "first order")
+    n = first.shape[0]
     for name, t, like in zip(("q1", "k1", "v1", "q2", "k2", "v2"), tangents, (q, k, v) * 2):
+        if t is None:
+            continue
         if t.shape != (n, *like.shape):
             raise ValueError(f"{name} must be (N, *{like.shape}) with N = {n}; got {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}); got {t.dtype}, {t.device}")
+    return n
 
 
 def attention_jet2(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    q1: Tensor,
-    k1: Tensor,
-    v1: Tensor,
-    q2: Tensor,
-    k2: Tensor,
-    v2: Tensor,
+    q1: Tensor | None,
+    k1: Tensor | None,
+    v1: Tensor | None,
+    q2: Tensor | None = None,
+    k2: Tensor | None = None,
+    v2: Tensor | None = None,
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
@@ -137,6 +149,9 @@ def attention_jet2(
     Args:
         q: ``(B, H, Tq, D)`` queries; k, v: ``(B, H, Tk, D)``.
         q1, k1, v1: ``(N, *shape)`` first-order tangents; q2, k2, v2: second-order tangents.
+            ``None`` stands for a zero tangent and is skipped by every backend (no zero tensor is
+            made, its products are not done): e.g. ``q2 = k2 = v2 = None`` saves the products
+            ``q2 kᵀ``, ``q k2ᵀ`` and ``P v2``. At least one of ``q1, k1, v1`` must be given.
         causal: key ``j`` visible to query ``i`` only when ``j <= i``.
         key_padding_mask: ``(B, Tk)`` bool, ``True`` = padding (ignored).
         scale: default ``1/sqrt(D)``.
@@ -160,15 +175,20 @@ def attention_jet2(
         >>> want = attention_jet2_reference(*x, *t, causal=True)
         >>> all(torch.allclose(a, b) for a, b in zip(got, want))
         True
+        >>> got = attention_jet2(*x, t[0], None, t[2])  # k1 and the second-order tangents 0
+        >>> zero = torch.zeros_like(t[0])
+        >>> want = attention_jet2_reference(*x, t[0], zero, t[2], zero, zero, zero)
+        >>> all(torch.allclose(a, b) for a, b in zip(got, want))
+        True
     """
     tangents = [q1, k1, v1, q2, k2, v2]
-    _check(q, k, v, tangents)
+    n = _check(q, k, v, tangents)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     device = q.device.type
     _, fn = select_backend(backend, device, q.dtype, precision)
-    if q1.shape[0] == 0:  # no tangents: only the primal
+    if n == 0:  # no tangents: only the primal
         o = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-        return o, q1.new_zeros(q1.shape), q1.new_zeros(q1.shape)
+        return o, q.new_zeros((0, *q.shape)), q.new_zeros((0, *q.shape))
     return fn(q, k, v, q1, k1, v1, q2, k2, v2, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
               precision=precision)
 
@@ -180,7 +200,11 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("fasthess::attention_jet2")
     def _(q, k, v, q1, k1, v1, q2, k2, v2, keep, causal, scale):  # noqa: ANN001, ANN202
-        return q.new_empty(q.shape), q1.new_empty(q1.shape), q1.new_empty(q1.shape)
+        first = next((t for t in (q1, k1, v1) if t is not None), None)
+        if first is None:
+            raise RuntimeError("attention_jet2: at least one of q1, k1, v1 must be a tensor (it sets N)")
+        n = first.shape[0]
+        return q.new_empty(q.shape), q.new_empty((n, *q.shape)), q.new_empty((n, *q.shape))
 
 
 _register_fake()

@@ -35,19 +35,22 @@ def attention_jet2_online(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    q1: Tensor,
-    k1: Tensor,
-    v1: Tensor,
-    q2: Tensor,
-    k2: Tensor,
-    v2: Tensor,
+    q1: Tensor | None,
+    k1: Tensor | None,
+    v1: Tensor | None,
+    q2: Tensor | None = None,
+    k2: Tensor | None = None,
+    v2: Tensor | None = None,
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     scale: float | None = None,
     block: int = 128,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Same contract as :func:`fasthess.kernels.attention.reference.attention_jet2`.
+    """Same contract as :func:`fasthess.kernels.attention.reference.attention_jet2`; a ``None`` tangent is 0.
+
+    A missing tangent is skipped, not materialised: its products (e.g. ``q2 kᵀ``, ``P v2``) are
+    not done. At least one of ``q1, k1, v1`` must be given (it sets ``N``).
 
     Example:
         >>> from fasthess.kernels.attention.reference import attention_jet2
@@ -57,12 +60,16 @@ def attention_jet2_online(
         >>> got, want = attention_jet2_online(*x, *t, block=2), attention_jet2(*x, *t)
         >>> all(torch.allclose(a, b) for a, b in zip(got, want))
         True
+        >>> got = attention_jet2_online(*x, *t[:3], block=2)  # second-order tangents 0
+        >>> want = attention_jet2(*x, *t[:3], *(torch.zeros_like(a) for a in t[:3]))
+        >>> all(torch.allclose(a, b) for a, b in zip(got, want))
+        True
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out_dtype = q.dtype
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    q, k, v, q1, k1, v1, q2, k2, v2 = (t.to(acc) for t in (q, k, v, q1, k1, v1, q2, k2, v2))
-    n = q1.shape[0]
+    q, k, v, q1, k1, v1, q2, k2, v2 = (None if t is None else t.to(acc) for t in (q, k, v, q1, k1, v1, q2, k2, v2))
+    n = next(t.shape[0] for t in (q1, k1, v1) if t is not None)
     b, h, tq, d = q.shape
     tk = k.shape[-2]
     m = torch.full((b, h, tq, 1), float("-inf"), dtype=acc, device=q.device)
@@ -79,11 +86,12 @@ def attention_jet2_online(
             break
         j1 = min(j0 + block, tk)
         kb, vb = k[..., j0:j1, :], v[..., j0:j1, :]
-        k1b, v1b, k2b, v2b = (t[..., j0:j1, :] for t in (k1, v1, k2, v2))
-        kt, k1t, k2t = kb.transpose(-1, -2), k1b.transpose(-1, -2), k2b.transpose(-1, -2)
+        k1b, v1b, k2b, v2b = (None if t is None else t[..., j0:j1, :] for t in (k1, v1, k2, v2))
+        kt = kb.transpose(-1, -2)
         s = (q @ kt) * scale
-        s1 = (q1 @ kt + q @ k1t) * scale
-        s2 = (q2 @ kt + 2 * (q1 @ k1t) + q @ k2t) * scale
+        # s1 = (q1 kᵀ + q k1ᵀ)·scale, s2 = (q2 kᵀ + 2 q1 k1ᵀ + q k2ᵀ)·scale: only the terms with both factors
+        s1 = _sum_products([(q1, kt, 1.0), (q, _t(k1b), 1.0)], scale)
+        s2 = _sum_products([(q2, kt, 1.0), (q1, _t(k1b), 2.0), (q, _t(k2b), 1.0)], scale)
         ok = None
         if causal:
             ok = (torch.arange(j0, j1, device=q.device)[None, :] <= rows)[None, None]
@@ -92,19 +100,34 @@ def attention_jet2_online(
             ok = kp if ok is None else ok & kp
         if ok is not None:
             s = s.masked_fill(~ok, float("-inf"))
-            s1, s2 = s1.masked_fill(~ok, 0.0), s2.masked_fill(~ok, 0.0)
+            s1, s2 = (None if t is None else t.masked_fill(~ok, 0.0) for t in (s1, s2))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet
         alpha = torch.exp(m - m_safe)
         w = torch.exp(s - m_safe)
-        ws1 = w * s1
         l = l * alpha + w.sum(-1, keepdim=True)
         a0 = a0 * alpha + w @ vb
-        a1 = a1 * alpha + ws1.sum(-1, keepdim=True)
-        a2 = a2 * alpha + (w * s2).sum(-1, keepdim=True)
-        bb = bb * alpha + (ws1 * s1).sum(-1, keepdim=True)
-        c1 = c1 * alpha + ws1 @ vb + w @ v1b
-        c2 = c2 * alpha + (w * s2 + ws1 * s1) @ vb + (2 * ws1) @ v1b + w @ v2b
+        a1, a2, bb, c1, c2 = (t * alpha for t in (a1, a2, bb, c1, c2))
+        # C1 += w s1 v + w v1,  C2 += (w s2 + w s1²) v + 2 w s1 v1 + w v2
+        pv = None  # the weights that multiply v in C2
+        if s1 is not None:
+            ws1 = w * s1
+            a1 = a1 + ws1.sum(-1, keepdim=True)
+            bb = bb + (ws1 * s1).sum(-1, keepdim=True)
+            c1 = c1 + ws1 @ vb
+            pv = ws1 * s1
+            if v1b is not None:
+                c2 = c2 + (2 * ws1) @ v1b
+        if s2 is not None:
+            ws2 = w * s2
+            a2 = a2 + ws2.sum(-1, keepdim=True)
+            pv = ws2 if pv is None else pv + ws2
+        if pv is not None:
+            c2 = c2 + pv @ vb
+        if v1b is not None:
+            c1 = c1 + w @ v1b
+        if v2b is not None:
+            c2 = c2 + w @ v2b
         m = m_new
     inv = torch.where(l > 0, 1.0 / l.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
     o = a0 * inv
@@ -112,3 +135,18 @@ def attention_jet2_online(
     o1 = e1 - mu1 * o
     o2 = c2 * inv - 2 * mu1 * e1 - (mu2 + beta - 2 * mu1 * mu1) * o
     return o.to(out_dtype), o1.to(out_dtype), o2.to(out_dtype)
+
+
+def _t(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.transpose(-1, -2)
+
+
+def _sum_products(terms: list[tuple[Tensor | None, Tensor | None, float]], scale: float) -> Tensor | None:
+    """``scale · Σ c·(a @ b)`` over the terms whose factors are both given; ``None`` when none is (a zero block)."""
+    out = None
+    for a, b, c in terms:
+        if a is None or b is None:
+            continue
+        p = a @ b if c == 1.0 else c * (a @ b)
+        out = p if out is None else out + p
+    return None if out is None else out * scale

@@ -33,7 +33,10 @@ def _attention_jet2_kernel(
     H, BH, TQ, TK, D, scale,
     CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_Q1: tl.constexpr, HAS_K1: tl.constexpr, HAS_V1: tl.constexpr,
+    HAS_Q2: tl.constexpr, HAS_K2: tl.constexpr, HAS_V2: tl.constexpr,
 ):
+    # HAS_*: the tangent is given; a missing one (zero) is compiled out with its loads and products
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n = tl.program_id(2).to(tl.int64)
@@ -49,8 +52,10 @@ def _attention_jet2_kernel(
     k_base = bh * TK * D
     kt_base = (n * BH + bh) * TK * D
     q = tl.load(Q + q_base + q_idx, mask=q_mask, other=0.0).to(ACC)
-    q1 = tl.load(Q1 + qt_base + q_idx, mask=q_mask, other=0.0).to(ACC)
-    q2 = tl.load(Q2 + qt_base + q_idx, mask=q_mask, other=0.0).to(ACC)
+    if HAS_Q1:
+        q1 = tl.load(Q1 + qt_base + q_idx, mask=q_mask, other=0.0).to(ACC)
+    if HAS_Q2:
+        q2 = tl.load(Q2 + qt_base + q_idx, mask=q_mask, other=0.0).to(ACC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -71,19 +76,25 @@ def _attention_jet2_kernel(
         kv_idx = cols[:, None] * D + offs_d[None, :]
         k = tl.load(K + k_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + k_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
-        k1 = tl.load(K1 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
-        v1 = tl.load(V1 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
-        k2 = tl.load(K2 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
-        v2 = tl.load(V2 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
         kt = tl.trans(k)
-        k1t = tl.trans(k1)
         s = tl.dot(q, kt, input_precision=PRECISION) * scale
-        s1 = (tl.dot(q1, kt, input_precision=PRECISION) + tl.dot(q, k1t, input_precision=PRECISION)) * scale
-        s2 = (
-            tl.dot(q2, kt, input_precision=PRECISION)
-            + 2.0 * tl.dot(q1, k1t, input_precision=PRECISION)
-            + tl.dot(q, tl.trans(k2), input_precision=PRECISION)
-        ) * scale
+        # s1 = (q1 kᵀ + q k1ᵀ)·scale, s2 = (q2 kᵀ + 2 q1 k1ᵀ + q k2ᵀ)·scale: the products of given tangents
+        s1 = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        s2 = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if HAS_Q1:
+            s1 += tl.dot(q1, kt, input_precision=PRECISION)
+        if HAS_K1:
+            k1t = tl.trans(tl.load(K1 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC))
+            s1 += tl.dot(q, k1t, input_precision=PRECISION)
+            if HAS_Q1:
+                s2 += 2.0 * tl.dot(q1, k1t, input_precision=PRECISION)
+        if HAS_Q2:
+            s2 += tl.dot(q2, kt, input_precision=PRECISION)
+        if HAS_K2:
+            k2 = tl.load(K2 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
+            s2 += tl.dot(q, tl.trans(k2), input_precision=PRECISION)
+        s1 = s1 * scale
+        s2 = s2 * scale
         ok = col_ok[None, :] & (offs_m[:, None] >= 0)
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None])
@@ -103,13 +114,21 @@ def _attention_jet2_kernel(
         a2 = a2 * alpha + tl.sum(w * s2, 1)
         bb = bb * alpha + tl.sum(ws1 * s1, 1)
         acc0 = acc0 * alpha[:, None] + tl.dot(w, v, input_precision=PRECISION)
-        acc1 = acc1 * alpha[:, None] + tl.dot(ws1, v, input_precision=PRECISION) + tl.dot(w, v1, input_precision=PRECISION)
-        acc2 = (
-            acc2 * alpha[:, None]
-            + tl.dot(w * s2 + ws1 * s1, v, input_precision=PRECISION)
-            + tl.dot(2.0 * ws1, v1, input_precision=PRECISION)
-            + tl.dot(w, v2, input_precision=PRECISION)
-        )
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        if HAS_Q1 or HAS_K1:  # s1 != 0
+            acc1 += tl.dot(ws1, v, input_precision=PRECISION)
+            acc2 += tl.dot(w * s2 + ws1 * s1, v, input_precision=PRECISION)
+        elif HAS_Q2 or HAS_K2:  # s1 = 0, s2 != 0
+            acc2 += tl.dot(w * s2, v, input_precision=PRECISION)
+        if HAS_V1:
+            v1 = tl.load(V1 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
+            acc1 += tl.dot(w, v1, input_precision=PRECISION)
+            if HAS_Q1 or HAS_K1:
+                acc2 += tl.dot(2.0 * ws1, v1, input_precision=PRECISION)
+        if HAS_V2:
+            v2 = tl.load(V2 + kt_base + kv_idx, mask=kv_mask, other=0.0).to(ACC)
+            acc2 += tl.dot(w, v2, input_precision=PRECISION)
         m_i = m_new
 
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
@@ -147,7 +166,8 @@ def launch_config(d: int) -> tuple[int, int, int, int, int]:
 
 
 def attention_jet2_triton(
-    q: Tensor, k: Tensor, v: Tensor, q1: Tensor, k1: Tensor, v1: Tensor, q2: Tensor, k2: Tensor, v2: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, q1: Tensor | None, k1: Tensor | None, v1: Tensor | None,
+    q2: Tensor | None = None, k2: Tensor | None = None, v2: Tensor | None = None,
     *, causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,6 +178,9 @@ def attention_jet2_triton(
     each operand ``a = a_hi + a_lo`` into TF32 parts (``cvt.rna.tf32``) and sums ``a_lo·b_hi +
     a_hi·b_lo + a_hi·b_hi`` on the tensor cores (3 MMAs; the dropped ``a_lo·b_lo`` and the rounding
     of ``a_lo`` leave ~2^-21 relative per product). ``"tf32"``: one MMA, operands with a 10-bit mantissa.
+
+    A ``None`` tangent is zero: the kernel is compiled without its loads and products (with the
+    second-order tangents ``None``, 9 of the 12 products remain). One of ``q1, k1, v1`` must be given.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -165,14 +188,15 @@ def attention_jet2_triton(
         raise TypeError(f"the triton attention kernel takes {SUPPORTED_DTYPES}, not {q.dtype}; use backend='auto'")
     b, h, tq, d = q.shape
     tk = k.shape[-2]
-    n = q1.shape[0]
+    n = next(t.shape[0] for t in (q1, k1, v1) if t is not None)
     if b * h > 65535 or n > 65535:
         raise ValueError(f"B·H = {b * h} and N = {n} must be <= 65535 (grid limits); split the call")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    xs = [t.contiguous() for t in (q, k, v, q1, k1, v1, q2, k2, v2)]
+    xs = [t.contiguous() if t is not None else None for t in (q, k, v, q1, k1, v1, q2, k2, v2)]
+    has = {f"HAS_{name}": t is not None for name, t in zip(("Q1", "K1", "V1", "Q2", "K2", "V2"), xs[3:])}
     o = torch.empty_like(xs[0])
-    o1 = torch.empty_like(xs[3])
-    o2 = torch.empty_like(xs[3])
+    o1 = q.new_empty((n, *q.shape))
+    o2 = q.new_empty((n, *q.shape))
     keep = None
     if key_padding_mask is not None:
         keep = (~key_padding_mask.to(device=q.device, dtype=torch.bool)).to(torch.int8).contiguous()
@@ -181,10 +205,10 @@ def attention_jet2_triton(
     if n == 0 or tq == 0:
         return attention_only(q, k, v, causal, key_padding_mask, scale), o1, o2
     _attention_jet2_kernel[grid](
-        *xs, keep if keep is not None else xs[0], o, o1, o2,
+        *(t if t is not None else xs[0] for t in xs), keep if keep is not None else xs[0], o, o1, o2,
         h, b * h, tq, tk, d, scale,
         CAUSAL=causal, HAS_KEEP=keep is not None, ACC=tl.float32, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **has, num_warps=warps, num_stages=stages,
     )
     return o, o1, o2
 

@@ -12,6 +12,8 @@ Backends, in order of preference for ``backend="auto"``:
 With ``r = (var + eps)^(-1/2)``, ``x̂ = (x - mean) r`` and the centred, scaled tangents
 ``u_i = (x_i - mean x_i) r``: ``s1 = mean(x̂ u1)``, ``q = mean(u1²)``, ``s2 = mean(x̂ u2)``,
 ``y1 = w ⊙ (u1 - s1 x̂)`` and ``y2 = w ⊙ (u2 - 2 s1 u1 + (3 s1² - q - s2) x̂)``.
+``x2=None`` (second-order input tangent 0, as in the tangent-adjoint engine's fused rule) drops
+``u2`` and ``s2`` in every backend.
 The spec is :func:`.reference.layer_norm_jet2` (nested ``jvp`` on the mean/variance decomposition).
 """
 
@@ -48,16 +50,18 @@ def _cpp(x, weight, bias, x1, x2, eps):  # noqa: ANN001, ANN202
 
 @family.register("torch", available=lambda: True)
 def _torch(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, x1: Tensor, x2: Tensor, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, x1: Tensor, x2: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     c = x - x.mean(-1, keepdim=True)
     r = torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
     xh = c * r
     u1 = (x1 - x1.mean(-1, keepdim=True)) * r
-    u2 = (x2 - x2.mean(-1, keepdim=True)) * r
     s1 = (xh * u1).mean(-1, keepdim=True)
-    coef = 3 * s1 * s1 - (u1 * u1).mean(-1, keepdim=True) - (xh * u2).mean(-1, keepdim=True)
-    y, y1, y2 = xh, u1 - s1 * xh, u2 - 2 * s1 * u1 + coef * xh
+    coef = 3 * s1 * s1 - (u1 * u1).mean(-1, keepdim=True)
+    y, y1, y2 = xh, u1 - s1 * xh, coef * xh - 2 * s1 * u1
+    if x2 is not None:  # u2 - s2 x̂
+        u2 = (x2 - x2.mean(-1, keepdim=True)) * r
+        y2 = y2 + u2 - (xh * u2).mean(-1, keepdim=True) * xh
     if weight is not None:
         y, y1, y2 = y * weight, y1 * weight, y2 * weight
     return (y if bias is None else y + bias), y1, y2
@@ -68,7 +72,7 @@ def layer_norm_jet2(
     weight: Tensor | None,
     bias: Tensor | None,
     x1: Tensor,
-    x2: Tensor,
+    x2: Tensor | None = None,
     eps: float = 1e-5,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,7 +80,8 @@ def layer_norm_jet2(
 
     Args:
         x: ``(..., D)``; weight, bias: ``(D,)`` or ``None``.
-        x1, x2: ``(N, *x.shape)`` first- and second-order input tangents.
+        x1, x2: ``(N, *x.shape)`` first- and second-order input tangents; ``x2=None`` stands for 0
+            and is skipped by every backend (no zero tensor, no reads or products for it).
         eps: added to the variance.
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"``.
 
@@ -95,10 +100,16 @@ def layer_norm_jet2(
         >>> got, want = layer_norm_jet2(x, w, b, x1, x2), layer_norm_jet2_reference(x, w, b, x1, x2)
         >>> all(torch.allclose(a, b) for a, b in zip(got, want))
         True
+        >>> got = layer_norm_jet2(x, w, b, x1)  # x2 = 0
+        >>> want = layer_norm_jet2_reference(x, w, b, x1, torch.zeros_like(x1))
+        >>> all(torch.allclose(a, b) for a, b in zip(got, want))
+        True
     """
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be (..., D) with D > 0; got {tuple(x.shape)}")
     for name, t in (("x1", x1), ("x2", x2)):
+        if t is None and name == "x2":
+            continue
         if t.dim() != x.dim() + 1 or t.shape[1:] != x.shape or t.shape != x1.shape:
             raise ValueError(f"{name} must be (N, *x.shape) = (N, {', '.join(map(str, x.shape))}); got {tuple(t.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
