@@ -317,7 +317,7 @@ def zero_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: lis
 
 
 def masked_fill_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
-    x, mask = primal[0], primal[1]
+    mask = primal[1]
     if tans[0] is None:  # only a tensor fill value carries a tangent: rare, go generic
         return generic_rule(node, primal, tans, lams)
     t = _densify(tans[0])
