@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments.provenance import provenance  # noqa: E402
 from fasthess.kernels import linear  # noqa: E402
 from fasthess.kernels.attention import PRECISIONS, attention_jet2, family  # noqa: E402
 from fasthess.kernels.attention.reference import attention_jet2 as reference  # noqa: E402
@@ -321,7 +322,8 @@ def main() -> None:
             run_cases(a, op, t, cases, flops, nbytes, n_items, rows, dict(B=a.B, H=h, D=a.D, N=n))
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"kernels-{a.device}"
-    meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+    meta = dict(git_commit=provenance()["git_commit"], torch=torch.__version__, python=platform.python_version(),
+                machine=platform.machine(),
                 device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 threads=torch.get_num_threads(), repeats=a.repeats, args={k: str(v) for k, v in vars(a).items()})
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
