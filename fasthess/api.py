@@ -117,9 +117,11 @@ def diag(
             mode (the loss is then random or uses batch statistics).
         on_nonfinite: ``"raise"`` on NaN/Inf entries, or ``"keep"`` them (recorded
             in ``meta["nonfinite"]``).
-        backend: kernel backend (``"auto"``, ``"cpp"``, ``"torch"``): of the Hutchinson
-            accumulation, and for sampled/exact entries of the one-hot weight tangents and
-            the fused attention / layer-norm / cross-entropy 2-jets (tangent-adjoint engine).
+        backend: kernel backend (``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``):
+            of the Hutchinson accumulation and the attention HVP (``fwd_rev`` engine), and for
+            sampled/exact entries of the one-hot weight tangents and the fused attention /
+            layer-norm / cross-entropy 2-jets (tangent-adjoint engine). A family without the
+            requested backend uses ``"auto"``; one whose backend cannot run here raises.
         progress: print one line per layer / probe chunk to stderr.
         process_group: a ``torch.distributed`` process group (or ``"world"``) to
             share the work between its ranks; every rank passes the same

@@ -166,6 +166,15 @@ def test_unknown_engine_and_wrong_engine_for_method() -> None:
         fasthess.diag(case.model, case.loss, method="lanczos")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU backends are available here")
+@pytest.mark.parametrize("backend,needs", [("triton", "NVIDIA GPU and triton"), ("cuda", "CUDA torch")])
+@pytest.mark.parametrize("method", ["sampled", "hutchinson"])
+def test_explicit_gpu_backend_without_a_gpu_names_what_it_needs(method: str, backend: str, needs: str) -> None:
+    case = mlp()
+    with pytest.raises(BackendUnavailableError, match=f"backend '{backend}' of .* not available here.*{needs}"):
+        fasthess.diag(case.model, case.loss, method=method, num_probes=4, backend=backend)
+
+
 # ----------------------------------------------------------------- reproducibility
 def test_same_seed_same_numbers_other_seed_other_coordinates() -> None:
     case = ZOO["encoder"]()

@@ -112,6 +112,15 @@ def cuda_op_available(name: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"fasthess::{name}", "CUDA"))
 
 
+# what each backend needs, for the error that names it
+_NEEDS = {
+    "cpp": "It needs the compiled extension: pip install -e . --no-build-isolation.",
+    "triton": "It needs an NVIDIA GPU and triton (pip install triton).",
+    "cuda": "It needs an NVIDIA GPU and the extension built against a CUDA torch with nvcc "
+            "(pip install -e . --no-build-isolation).",
+}
+
+
 @dataclass
 class KernelFamily:
     """Implementations of one op by backend, in order of preference for ``"auto"``.
@@ -177,7 +186,7 @@ class KernelFamily:
         if not ok():
             raise BackendUnavailableError(
                 f"backend {backend!r} of {self.name} is not available here (available: {self.available()}). "
-                "The 'cpp' backend needs the compiled extension: pip install -e . --no-build-isolation"
+                + _NEEDS.get(backend, "") + " Or use backend='auto'."
             )
         if not self._runs_on(backend, device):
             raise BackendUnavailableError(
