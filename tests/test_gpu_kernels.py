@@ -189,16 +189,18 @@ def test_triton_attention_hvp_matches_reference(shape, causal: bool, padded: boo
         torch.testing.assert_close(a, b.float(), rtol=rtol, atol=atol, msg=lambda m: f"{shape} output {i}: {m}")
 
 
-def test_fwd_rev_hutchinson_routed_through_triton_equals_double_backward(monkeypatch) -> None:
-    """The zoo SDPA model in float32 on the GPU: fwd_rev with attention routed through the Triton HVP kernel
-    gives the double-backward engine's estimate with the same probes (float32 round-off)."""
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("cuda", torch.float64)])
+def test_fwd_rev_hutchinson_routed_through_gpu_kernel_equals_double_backward(backend: str, dtype, monkeypatch) -> None:
+    """The zoo SDPA model on the GPU: fwd_rev with attention routed through the Triton (float32) or CUDA
+    (float64) HVP kernel gives the double-backward engine's estimate with the same probes (round-off only)."""
     import fasthess
+    from tolerances import SAME_PROBES_RTOL
     from zoo import ZOO
 
     from fasthess.kernels.attention_hvp import forward_over_reverse as route_module
     from fasthess.kernels.registry import use_backend
 
-    model = ZOO["sdpa"]().model.float().cuda()
+    model = ZOO["sdpa"]().model.to(dtype).cuda()
     layers = ["qkv.weight", "proj.weight"]
     ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
 
@@ -210,12 +212,15 @@ def test_fwd_rev_hutchinson_routed_through_triton_equals_double_backward(monkeyp
     calls = []
     original = route_module._hvp
     monkeypatch.setattr(route_module, "_hvp", lambda *a: calls.append(1) or original(*a))
-    with use_backend("triton"):
+    with use_backend(backend):
         routed = fasthess.diag(model, loss, layers, engine="fwd_rev", **kw)
     assert calls, "the route was not taken"
+    assert routed.meta["kernels"]["attention_hvp"] == backend
+    rtol = 1e-3 if dtype == torch.float32 else SAME_PROBES_RTOL
+    atol_scale = 1e-4 if dtype == torch.float32 else SAME_PROBES_RTOL
     for name in plain.layers:
         a, b = routed.layers[name].values, plain.layers[name].values
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol_scale * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
 
 
 # --- linear / Hutchinson kernels (fasthess/kernels/linear, fasthess/kernels/hutchinson): Triton and CUDA ---
@@ -470,39 +475,6 @@ def test_cuda_attention_hvp_opcheck_selection_and_errors() -> None:
         op(*x[:5], x[5][:, :, :, :3], *x[6:], keep, True, 0.5)
     with pytest.raises(RuntimeError, match="takes float32 or float64"):
         op(*(t.half() for t in x), keep, True, 0.5)
-
-
-def test_fwd_rev_hutchinson_routed_through_cuda_equals_double_backward(monkeypatch) -> None:
-    """The zoo SDPA model in float64 on the GPU: fwd_rev with attention routed through the CUDA HVP kernel gives
-    the double-backward engine's estimate with the same probes (round-off only)."""
-    import fasthess
-    from tolerances import SAME_PROBES_RTOL
-    from zoo import ZOO
-
-    from fasthess.kernels.attention_hvp import forward_over_reverse as route_module
-    from fasthess.kernels.registry import use_backend
-
-    case = ZOO["sdpa"]()
-    model = case.model.cuda()
-    layers = ["qkv.weight", "proj.weight"]
-    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1)).cuda()
-
-    def loss():
-        return torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-
-    kw = dict(method="hutchinson", num_probes=6, seed=11)
-    plain = fasthess.diag(model, loss, layers, engine="double_backward", **kw)
-    calls = []
-    original = route_module._hvp
-    monkeypatch.setattr(route_module, "_hvp", lambda *a: calls.append(1) or original(*a))
-    with use_backend("cuda"):
-        routed = fasthess.diag(model, loss, layers, engine="fwd_rev", **kw)
-    assert calls, "the route was not taken"
-    assert routed.meta["kernels"]["attention_hvp"] == "cuda"
-    for name in plain.layers:
-        a, b = routed.layers[name].values, plain.layers[name].values
-        torch.testing.assert_close(a, b, rtol=SAME_PROBES_RTOL, atol=SAME_PROBES_RTOL * float(b.abs().max()),
-                                   msg=lambda m: f"{name}: {m}")
 
 
 # --- None tangents (zero, skipped) in the attention and layer-norm GPU kernels ---
