@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_cases import inputs, padding
+from cuda_emulation.emulator import ENTRIES
 from tolerances import (
     ATTENTION_JET2_VS_REFERENCE,
     CROSS_ENTROPY_JET2_VS_REFERENCE,
@@ -31,6 +32,14 @@ from fasthess.kernels.linear.reference import hash32, hutchinson_update_seeded_,
 from fasthess.kernels.loss.reference import cross_entropy_jet2 as cross_entropy_ref
 
 F32, F64 = torch.float32, torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuild(cuda_emulator) -> None:
+    """Compiles every build this module's cases need in parallel, while the first cases run."""
+    cuda_emulator.prebuild([(ENTRIES, "plain"), (["gelu_jet2", "layer_norm_jet2", "cross_entropy_jet2_rows",
+                               "hutchinson_update", "onehot_weight_tangent", "attention_jet2"], "address"),
+                              (["layer_norm_jet2", "cross_entropy_jet2_rows", "attention_jet2"], "thread")])
 
 
 def _randn(*shape, dtype, seed=0):

@@ -114,6 +114,13 @@ class Emulator:
                 self._jobs[exe] = exe
         return exe
 
+    def prebuild(self, builds) -> None:
+        """Starts compiling, in the background, the objects of ``builds``: (entries, tool) pairs."""
+        for entries, tool in builds:
+            stems = sorted(set(ENTRIES.values())) if tool == "plain" else [ENTRIES[e] for e in entries]
+            for stem in ["driver", *stems]:
+                self._object(stem, tool)
+
     def call(self, entry: str, buffers, ints, floats=(), *, tool: str = "plain", env=None, timeout: float = 600):
         """Runs ``entry`` (shims.cpp) on CPU tensors (None: nullptr); returns the buffers after the call.
 
