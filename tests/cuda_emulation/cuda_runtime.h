@@ -5,7 +5,8 @@
 // block, smem, stream)(args); `extern __shared__ T name[]` points at the block's dynamic shared memory,
 // `__shared__ T name[n]` at a static slot of the same buffer), compiled as C++20 with this folder first on the
 // include path together with tests/cuda_emulation/shims.cpp (one uniform entry point per launcher), and linked
-// into one driver program (driver.cpp) per sanitizer; Python calls a launcher by name on tensors' bytes.
+// with driver.cpp into a program (plain: every kernel; ASan+UBSan or TSan: the kernel under test), once per
+// test session; Python calls a launcher by name on tensors' bytes, the program in a subprocess.
 //
 // Semantics: the blocks of a grid run one after another; each block is run by blockDim.x·y·z std::threads
 // (threadIdx from the linear id, x fastest; warp w = linear ids 32w..32w+31). __syncthreads is a barrier of
