@@ -394,9 +394,9 @@ def test_routed_sdpa_with_a_mask_matches_dense_hessian(form: str, monkeypatch) -
 
 
 # --- the CUDA kernels (csrc/cuda/attention_hvp.cu) run on the CPU through a stand-in CUDA runtime ---
-# tests/cuda_emulation/cuda_runtime.h: one std::thread per CUDA thread, real barriers and warp shuffles. Built
-# with AddressSanitizer + UBSan (out-of-bounds global or shared memory accesses fail the run) or with
-# ThreadSanitizer (a missing barrier between writes and reads of shared memory fails it: checked by removing
+# tests/cuda_emulation (the cuda_emulator fixture): one std::thread per CUDA thread, real barriers and warp
+# shuffles. Built with AddressSanitizer + UBSan (out-of-bounds global or shared memory accesses fail the run) or
+# with ThreadSanitizer (a missing barrier between writes and reads of shared memory fails it: checked by removing
 # one); the workspace starts as NaN, so a statistic read before it is written shows. FASTHESS_EMU_SMS sets the
 # SM count the launch sees, hence the tangent groups: (B, H, Tq, Tk, D, N), causal, padded, dtype, SMs, tool.
 EMULATION_CASES = [
@@ -409,56 +409,20 @@ EMULATION_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def emulated_cuda(tmp_path_factory):
-    """``build(tool)``: the path of tests/cuda_emulation/run_attention_hvp.cpp built with that sanitizer."""
-    import shutil
-
-    if shutil.which("g++") is None:
-        pytest.skip("needs g++")
-    folder = tmp_path_factory.mktemp("cuda_emulation")
-    built = {}
-
-    def build(tool: str) -> str:
-        if tool not in built:
-            exe = folder / f"run_attention_hvp_{tool}"
-            flags = {"address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
-                     "thread": ["-fsanitize=thread"]}[tool]
-            src = os.path.join(ROOT, "tests", "cuda_emulation", "run_attention_hvp.cpp")
-            cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *flags,
-                   f"-I{os.path.join(ROOT, 'tests', 'cuda_emulation')}", src, "-o", str(exe)]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            assert res.returncode == 0, res.stderr[-4000:]
-            built[tool] = str(exe)
-        return built[tool]
-
-    return build
-
-
-def _run_emulated(exe: str, x, causal: bool, pad, scale: float, sms: int, tmp_path):
-    import numpy as np
-
+def _run_emulated(emu, x, causal: bool, pad, scale: float, sms: int, tool: str):
+    """dq, dk, dv, dq1, dk1, dv1 of the emulated kernels (outputs start at zero, the workspace as NaN)."""
     b, h, tq, d = x[0].shape
     tk, n = x[1].shape[2], x[4].shape[0]
-    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
-    with open(src, "wb") as f:
-        f.write(np.array([x[0].element_size(), b, h, tq, tk, d, n, causal, pad is not None], dtype=np.int64).tobytes())
-        f.write(np.array([scale], dtype=np.float64).tobytes())
-        for t in x:
-            f.write(t.contiguous().numpy().tobytes())
-        if pad is not None:
-            f.write((~pad).to(torch.uint8).numpy().tobytes())
-    env = dict(os.environ, FASTHESS_EMU_SMS=str(sms), ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=1")
-    res = subprocess.run([exe, str(src), str(dst)], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    flat = torch.from_numpy(np.fromfile(dst, dtype=np.float32 if x[0].dtype == torch.float32 else np.float64))
-    outs = list(flat.split([t.numel() for t in (x[0], x[1], x[2], x[4], x[5], x[6])]))
-    return [o.view(t.shape) for o, t in zip(outs, (x[0], x[1], x[2], x[4], x[5], x[6]))]
+    outs = [torch.zeros_like(t) for t in (x[0], x[1], x[2], x[4], x[5], x[6])]
+    ws = torch.full((2 * b * h * tq * (1 + n),), float("nan"), dtype=x[0].dtype)
+    keep = None if pad is None else (~pad).to(torch.uint8)
+    got = emu.call("attention_hvp", [*x, keep, *outs, ws], [x[0].element_size(), b, h, tq, tk, d, n, causal],
+                   [scale], tool=tool, env={"FASTHESS_EMU_SMS": str(sms)})
+    return got[9:15]
 
 
 @pytest.mark.parametrize("shape,causal,padded,dtype,sms,tool", EMULATION_CASES, ids=str)
-def test_cuda_kernels_emulated_on_cpu_match_reference(emulated_cuda, shape, causal, padded, dtype, sms, tool,
-                                                      tmp_path) -> None:
+def test_cuda_kernels_emulated_on_cpu_match_reference(cuda_emulator, shape, causal, padded, dtype, sms, tool) -> None:
     x = hvp_inputs(*shape, dtype)
     pad = padding(shape[0], shape[3]) if padded else None
     exact = hvp_inputs(*shape, torch.float64)
@@ -466,5 +430,5 @@ def test_cuda_kernels_emulated_on_cpu_match_reference(emulated_cuda, shape, caus
         want = attention_hvp(*exact, causal=causal, key_padding_mask=pad, scale=0.7, backend="torch")
     else:
         want = reference(*exact, causal=causal, key_padding_mask=pad, scale=0.7)
-    got = _run_emulated(emulated_cuda(tool), x, causal, pad, 0.7, sms, tmp_path)
+    got = _run_emulated(cuda_emulator, x, causal, pad, 0.7, sms, tool)
     _close(got, want, ATTENTION_HVP_VS_REFERENCE[dtype], f"emulated cuda {shape}")
