@@ -10,20 +10,19 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from attention_cases import MASKS, SHAPES, inputs, padding
 from tolerances import ATTENTION_FINITE_DIFFERENCE, ATTENTION_JET2_VS_REFERENCE
+from triton_interpreter import ROOT, run_interpreted
 
 from fasthess.errors import BackendUnavailableError
 from fasthess.kernels.attention import attention_jet2, family, select_backend
 from fasthess.kernels.attention.reference import attention, attention_jet2 as reference, visible
 from fasthess.kernels.registry import extension_loaded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="C++ extension not built")
 
 
@@ -177,14 +176,11 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
     cases = [((1, 1, 1, 1, 4, 1), True, False), ((2, 2, 7, 7, 5, 2), True, True),
              ((1, 1, 97, 97, 16, 2), False, True), ((2, 1, 5, 40, 8, 1), False, False)]
     script = _INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == len(cases)
+    stdout = run_interpreted(script)
+    assert stdout.count("ok") == len(cases)
 
 
 _EMULATED_PRECISION_SCRIPT = textwrap.dedent(
@@ -216,20 +212,17 @@ def test_triton_precisions_under_emulated_tensor_cores() -> None:
     """The interpreter's ``tl.dot`` is exact at every ``input_precision``; with the tensor cores' TF32
     rounding emulated (tests/tensor_core_emulation.py), ``"tf32x3"`` must meet the float32 tolerance and
     stay near ``"ieee"``, while ``"tf32"`` must miss it (which shows the precision reaches every product)."""
-    pytest.importorskip("triton")
     import json
 
     from tolerances import ATTENTION_JET2_TF32_VS_REFERENCE, ATTENTION_TF32X3_VS_IEEE_ERROR
 
     cases = [((2, 2, 7, 7, 5, 2), True, True), ((1, 2, 64, 64, 64, 1), True, False)]
     script = _EMULATED_PRECISION_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    stdout = run_interpreted(script)
     rtol, atol = ATTENTION_JET2_VS_REFERENCE[torch.float32]
     worst: dict[tuple, float] = {}  # (shape, precision) -> largest |error| over o, o1, o2
     meets_fp32: dict[tuple, bool] = {}  # (shape, precision) -> all of o, o1, o2 within the float32 tolerance
-    for r in json.loads(res.stdout.splitlines()[-1]):
+    for r in json.loads(stdout.splitlines()[-1]):
         got, want = torch.tensor(r["got"]), torch.tensor(r["want"])
         key = (tuple(r["shape"]), r["precision"])
         worst[key] = max(worst.get(key, 0.0), float((got - want).abs().max()))
@@ -422,12 +415,9 @@ _INTERPRET_ABSENT_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernel_skips_absent_tangents_under_interpreter() -> None:
-    pytest.importorskip("triton")
     cases = [((2, 2, 7, 7, 5, 2), True, True, ABSENT[0]), ((1, 1, 97, 97, 16, 2), False, True, ABSENT[1]),
              ((2, 1, 5, 40, 8, 1), False, False, ABSENT[3]), ((2, 3, 7, 7, 5, 3), True, False, ABSENT[4]),
              ((1, 1, 1, 1, 4, 1), True, False, ABSENT[5]), ((2, 1, 5, 11, 8, 2), False, True, ABSENT[2])]
     script = _INTERPRET_ABSENT_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == len(cases)
+    stdout = run_interpreted(script)
+    assert stdout.count("ok") == len(cases)

@@ -7,14 +7,13 @@ route through the fwd_rev engine."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from attention_cases import HVP_SHAPES, MASKS, hvp_inputs, padding
 from tolerances import ATTENTION_HVP_FINITE_DIFFERENCE, ATTENTION_HVP_VS_DENSE, ATTENTION_HVP_VS_REFERENCE
+from triton_interpreter import ROOT, run_interpreted
 
 from fasthess.errors import BackendUnavailableError
 from fasthess.kernels.attention.reference import attention
@@ -23,7 +22,6 @@ from fasthess.kernels.attention_hvp.reference import attention_hvp as reference
 from fasthess.kernels.attention_hvp.reference import attention_vjp
 from fasthess.kernels.registry import extension_loaded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="C++ extension not built")
 NAMES = ("dq", "dk", "dv", "dq1", "dk1", "dv1")
 
@@ -218,14 +216,11 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_under_interpreter() -> None:
-    pytest.importorskip("triton")
     cases = [((1, 1, 1, 1, 4, 1), True, False), ((2, 2, 7, 7, 5, 2), True, True),
              ((2, 1, 5, 40, 8, 1), False, False), ((2, 1, 40, 5, 8, 1), True, True), ((1, 1, 70, 70, 16, 2), True, False)]
     script = _INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=cases)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == len(cases) + 1
+    stdout = run_interpreted(script)
+    assert stdout.count("ok") == len(cases) + 1
 
 
 @pytest.mark.parametrize("kernel_name", ["_hvp_dq_kernel", "_hvp_dkv_kernel"])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tolerances import KERNEL_VS_REFERENCE
+from triton_interpreter import ROOT, run_interpreted
 
 from fasthess.errors import BackendUnavailableError
 from fasthess.kernels.hutchinson import family, hutchinson_update_
@@ -155,13 +154,8 @@ print("ok", ok + 1)
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root, OMP_NUM_THREADS="1")
-    script = _INTERPRET_SCRIPT.format(tests=os.path.join(root, "tests"))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "ok 25" in res.stdout  # 24 shapes, dtypes and counts + mixed dtypes
+    stdout = run_interpreted(_INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+    assert "ok 25" in stdout  # 24 shapes, dtypes and counts + mixed dtypes
 
 
 def test_triton_kernel_rejects_statistics_it_cannot_update_in_place() -> None:

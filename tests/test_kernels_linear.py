@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tolerances import KERNEL_VS_REFERENCE, RADEMACHER_AGREEMENT_BAND, RADEMACHER_MEAN_BOUND
+from triton_interpreter import ROOT, run_interpreted
 
 from fasthess.errors import BackendUnavailableError
 from fasthess.kernels.hutchinson.reference import hutchinson_update_
@@ -257,18 +256,9 @@ print("ok", ok)
 """
 
 
-def _run_interpreted(script: str) -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", script.format(tests=os.path.join(root, "tests"))], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return res.stdout
-
-
 def test_triton_kernels_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    assert "ok 37" in _run_interpreted(_INTERPRET_SCRIPT)  # 4 probe streams, 24 seeded cases, 9 one-hot cases
+    stdout = run_interpreted(_INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests")))
+    assert "ok 37" in stdout  # 4 probe streams, 24 seeded cases, 9 one-hot cases
 
 
 def _compile_sm90(kernel, signature: dict, constexprs: dict) -> str:

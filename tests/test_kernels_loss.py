@@ -6,19 +6,16 @@ C++ op."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tolerances import CROSS_ENTROPY_JET2_VS_REFERENCE
+from triton_interpreter import ROOT, run_interpreted
 
 from fasthess.errors import BackendUnavailableError
 from fasthess.kernels.loss import cross_entropy_jet2, cross_entropy_jet2_reference as reference, family
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inputs(k: int, n: int, v: int, dtype, seed: int = 0, ignored: tuple[int, ...] | None = None, device="cpu"):
@@ -152,12 +149,9 @@ INTERPRET_CASES = [
 
 
 def test_triton_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
     script = _INTERPRET_SCRIPT.format(tests=os.path.join(ROOT, "tests"), cases=INTERPRET_CASES)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("ok") == len(INTERPRET_CASES)
+    stdout = run_interpreted(script)
+    assert stdout.count("ok") == len(INTERPRET_CASES)
 
 
 @pytest.mark.parametrize("second", [True, False])
