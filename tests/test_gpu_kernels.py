@@ -22,10 +22,9 @@ CASES = [("cuda", torch.float32), ("cuda", torch.float64), ("cuda-rowwise", torc
          ("cuda-rowwise", torch.float64), ("triton", torch.float32)]
 
 
-@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-@pytest.mark.parametrize("causal,padded", MASKS)
-def test_gpu_backend_matches_reference(backend: str, dtype, shape, causal: bool, padded: bool, monkeypatch) -> None:
+def _attention_backend(backend: str, shape, monkeypatch) -> str:
+    """The family's name for a ``CASES`` backend (``cuda-rowwise``: the CUDA kernel forced onto its row-wise
+    path); fails if it is not built here, skips head dims the Triton tiles cannot take."""
     if backend == "cuda-rowwise":
         monkeypatch.setenv("FASTHESS_CUDA_ATTENTION_ROWWISE", "1")
         backend = "cuda"
@@ -33,6 +32,14 @@ def test_gpu_backend_matches_reference(backend: str, dtype, shape, causal: bool,
         pytest.fail(f"backend {backend!r} is not available on this GPU machine (available: {family.available()})")
     if backend == "triton" and shape[4] > 128:
         pytest.skip("head dim > 128: the triton tiles would not fit in shared memory")
+    return backend
+
+
+@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("causal,padded", MASKS)
+def test_gpu_backend_matches_reference(backend: str, dtype, shape, causal: bool, padded: bool, monkeypatch) -> None:
+    backend = _attention_backend(backend, shape, monkeypatch)
     x = inputs(*shape, dtype, device="cuda")
     pad = padding(shape[0], shape[3], "cuda") if padded else None
     want = reference(*inputs(*shape, torch.float64, device="cuda"), causal=causal, key_padding_mask=pad)
@@ -490,13 +497,7 @@ def test_gpu_backend_skips_absent_tangents(backend: str, dtype, shape, causal: b
     left out) against the reference with explicit zeros."""
     from test_kernels_attention import ABSENT, without
 
-    if backend == "cuda-rowwise":
-        monkeypatch.setenv("FASTHESS_CUDA_ATTENTION_ROWWISE", "1")
-        backend = "cuda"
-    if backend not in family.available():
-        pytest.fail(f"backend {backend!r} is not available on this GPU machine (available: {family.available()})")
-    if backend == "triton" and shape[4] > 128:
-        pytest.skip("head dim > 128: the triton tiles would not fit in shared memory")
+    backend = _attention_backend(backend, shape, monkeypatch)
     pad = padding(shape[0], shape[3], "cuda") if padded else None
     rtol, atol = ATTENTION_JET2_VS_REFERENCE[dtype]
     # the fused rule's calls everywhere (second order absent; also k1, v1); every mixed case on one shape and
