@@ -2,16 +2,16 @@
 // sets (q1, k1, v1, dout1). Spec: fasthess/kernels/attention_hvp/reference.py; the formulas are in
 // fasthess/kernels/attention_hvp/blocked.py.
 //
-// Work item = (batch·head, group of tangents), spread over threads by at::parallel_for: dk, dv and
-// their tangents accumulate over query blocks, so one item owns every query block of its head and
-// no two items write the same output (no races, no atomics). Tangents are split into groups only
-// when there are fewer heads than threads; within an item P = softmax(S) of each block of BM query
-// rows (BM × Tk, never T × T) is computed once and shared by the item's tangents. Products go to
-// at::mm/addmm (BLAS, single-threaded inside the parallel region); the softmax-jet and backward
-// statistics are fused loops over each row.
+// Work item = (batch·head, group of tangents), spread over threads by fasthess::parallel_for
+// (parallel.h): dk, dv and their tangents accumulate over query blocks, so one item owns every
+// query block of its head and no two items write the same output (no races, no atomics). Tangents
+// are split into groups only when there are fewer heads than threads; within an item P = softmax(S)
+// of each block of BM query rows (BM × Tk, never T × T) is computed once and shared by the item's
+// tangents. Products go to at::mm/addmm (BLAS, single-threaded inside the parallel region); the
+// softmax-jet and backward statistics are fused loops over each row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include "attention_softmax.h"
@@ -87,7 +87,7 @@ Six attention_hvp_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(n, (threads + BH - 1) / BH));
   if (TQ > 0 && TK > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_hvp_cpu", [&] {
-      at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
+      fasthess::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t bh = item / groups, g = item % groups;
           const int64_t t0 = g * n / groups, t1 = (g + 1) * n / groups;

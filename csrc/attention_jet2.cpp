@@ -1,14 +1,14 @@
 // Attention 2-jet on the CPU: o, o1, o2 of softmax(q kᵀ·scale + mask) v for N tangent pairs.
 // Spec: fasthess/kernels/attention/reference.py (the math is in fasthess/kernels/attention/online.py).
 //
-// Work item = (batch·head, block of BM query rows), spread over threads by at::parallel_for.
+// Work item = (batch·head, block of BM query rows), spread over threads by fasthess::parallel_for (parallel.h).
 // Per item the primal scores and P = softmax(S) of the block (BM × Tk, never T × T) are computed
 // once and shared by all N tangents; per tangent the block of S1, S2 is turned into P1, P2 in place
 // and multiplied out. Products of blocks go to at::mm/addmm (BLAS, single-threaded inside the
 // parallel region); the softmax-jet statistics are fused loops over each row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include "attention_softmax.h"
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jet2_cpu(
   const int64_t nblk = (TQ + kBlockRows - 1) / kBlockRows;
   if (TQ > 0 && TK > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_jet2_cpu", [&] {
-      at::parallel_for(0, BH * nblk, 1, [&](int64_t begin, int64_t end) {
+      fasthess::parallel_for(0, BH * nblk, 1, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t bh = item / nblk, i0 = (item % nblk) * kBlockRows;
           const int64_t rows = std::min(kBlockRows, TQ - i0);

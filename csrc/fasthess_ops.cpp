@@ -2,7 +2,7 @@
 // Python sees them as torch.ops.fasthess.*; the pure-torch references live in
 // fasthess/kernels/*/reference.py and define what each op must compute.
 #include <Python.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +18,7 @@ static void hutchinson_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_
                                      const scalar_t* hz, int64_t k, int64_t n, int64_t count) {
   const double total = static_cast<double>(count + k);
   const double cross = static_cast<double>(count) * k / total;
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+  fasthess::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       // Welford over the new batch for this coordinate, in double.
       double bmean = 0.0, bm2 = 0.0;

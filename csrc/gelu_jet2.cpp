@@ -7,7 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_jet2_cpu(const at::Tensor& x
     scalar_t* y1p = y1.data_ptr<scalar_t>();
     scalar_t* y2p = y2.data_ptr<scalar_t>();
     // one fused pass over the tangents; a block's g', g'' stay in cache while its N tangents stream by
-    at::parallel_for(0, M, kBlock, [&](int64_t begin, int64_t end) {
+    fasthess::parallel_for(0, M, kBlock, [&](int64_t begin, int64_t end) {
       for (int64_t lo = begin; lo < end; lo += kBlock) {
         const int64_t hi = std::min(end, lo + kBlock);
         for (int64_t k = 0; k < N; ++k) {

@@ -7,7 +7,7 @@
 // An absent x2 (zero) drops u2 and s2: no reads, no products.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <cmath>
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_jet2_cpu(const at::Ten
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* y1p = y1.data_ptr<scalar_t>();
     scalar_t* y2p = y2.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    fasthess::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       std::vector<double> xh(D);
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* xr = xp + row * D;

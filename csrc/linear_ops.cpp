@@ -6,7 +6,7 @@
 //    from (seed, probe index, coordinate) by a counter-based hash instead of read from memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,7 +36,7 @@ at::Tensor onehot_weight_tangent_cpu(const at::Tensor& x, const at::Tensor& rows
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "onehot_weight_tangent", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    fasthess::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         if (r[k] < 0) continue;  // a zero direction
         scalar_t* dst = op + k * M * out_features + r[k];
@@ -56,7 +56,7 @@ void seeded_update_kernel(scalar_t* mean, scalar_t* m2, const scalar_t* hz, int6
   std::vector<uint32_t> probe_hash(k);
   for (int64_t j = 0; j < k; ++j) probe_hash[j] = fasthess_hash::probe_key(seed_hash, first_probe + j);
   constexpr int64_t kTile = 256;  // coordinates per tile: the probe loop runs over a tile (vectorised hash)
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+  fasthess::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     double bmean[kTile], bm2[kTile];
     for (int64_t i0 = begin; i0 < end; i0 += kTile) {
       const int64_t len = std::min(kTile, end - i0);

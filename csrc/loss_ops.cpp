@@ -4,7 +4,7 @@
 // once and shared by the K tangents; nothing of size K × N × V is formed (only the inputs exist at that size).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <torch/library.h>
 
 #include <cmath>
@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_jet2_cpu(const at::
     const scalar_t* zp = zc.data_ptr<scalar_t>();
     const scalar_t* a = z1c.data_ptr<scalar_t>();
     const scalar_t* b = z2c.defined() ? z2c.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    fasthess::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> p(V);
       for (int64_t n = begin; n < end; ++n) {
         const int64_t t = yp[n];

@@ -7,6 +7,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--torch-threads", type=int, default=None,
+        help="run at this many intra-op threads (torch.set_num_threads); default: torch's default for the machine",
+    )
+
+
+def pytest_configure(config):
+    threads = config.getoption("--torch-threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def pytest_report_header(config):
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+
+
 @pytest.fixture(scope="session")
 def cuda_emulator(tmp_path_factory):
     """An ``Emulator`` (tests/cuda_emulation/emulator.py): csrc/cuda's launchers run on the CPU; skips without g++."""
