@@ -95,8 +95,9 @@ def diag(
         seed: fixes coordinates and probes (same seed, same numbers).
         engine: ``"auto"``, ``"tangent_adjoint"`` (the fast sampled/exact
             engine: first-order tangents downstream of each layer plus one
-            shared backward pass; falls back to the generic engine for losses
-            it cannot record, noted in ``meta["engine_fallback"]``),
+            shared backward pass; falls back to the generic engine for losses it
+            cannot record and, under ``"auto"``, for an op whose second-order rule
+            fails, noted in ``meta["engine_fallback"]``),
             ``"fwd_fwd"`` (nested forward mode, no backward pass), ``"fwd_rev"``
             (vmapped forward-over-reverse HVPs) or ``"double_backward"`` (the
             reference loop).
@@ -145,8 +146,9 @@ def diag(
 
     Raises:
         LayerNotFoundError, LossError, TrainingModeError, MemoryRiskError,
-        NonFiniteCurvatureError, BackendUnavailableError, DistributedError: each
-        with the fix.
+        NonFiniteCurvatureError, BackendUnavailableError, DistributedError,
+        UnsupportedOpError (an op torch cannot differentiate twice, for the chosen
+        engine or, under ``"auto"``, for every engine): each with the fix.
 
     Example:
         >>> import torch, fasthess
