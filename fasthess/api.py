@@ -14,7 +14,6 @@ from .decompositions import autodiff_safe
 from .distributed import ShardPlan, signature, unwrap_ddp
 from .capture import CaptureError
 from .engines import Engine, get_engine
-from .engines.double_backward import DoubleBackwardEngine
 from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import (
     FasthessError,
@@ -349,15 +348,16 @@ def _entries(
             except RuntimeError as err:  # the loss and its gradient ran (validate): a second-order failure
                 if isinstance(err, FasthessError) or out_of_memory(err):
                     raise
-                fix = (
-                    "torch has no double-backward rule for an op of this loss (CTCLoss, MultiMarginLoss and "
+                hint = (
+                    "No engine can: torch has no double-backward rule for one of its ops (CTCLoss, MultiMarginLoss and "
                     "MultiLabelMarginLoss have none: see the README); write that part from twice-differentiable ops"
-                    if eng.name == DoubleBackwardEngine.name
-                    else f"engine={DoubleBackwardEngine.name!r} needs only torch's double-backward rules"
+                    if eng.name == "double_backward"
+                    else "Try engine='double_backward', which needs only torch's double-backward rules"
                 )
+                before = f"; before that, {fallback}" if fallback else ""
                 raise UnsupportedOpError(
-                    f"engine {eng.name!r} cannot take the second derivative of this loss (torch: {first_line(err)})"
-                    + (f"; before that, {fallback}" if fallback else "") + f". {fix[0].upper()}{fix[1:]}.",
+                    f"engine {eng.name!r} cannot take the second derivative of this loss "
+                    f"(torch: {first_line(err)}){before}. {hint}.",
                     reason=first_line(err),
                 ) from err
         for total, block in zip(totals, blocks):
