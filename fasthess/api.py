@@ -339,12 +339,13 @@ def _entries(
                 chunk.size = max(1, chunk.size * per_tangent // eng.per_tangent_bytes(check))
                 log(fallback)
         if not isinstance(eng, TangentAdjointEngine):
+            def layer(pos: int, p: torch.Tensor, idx: torch.Tensor, c: int = c) -> torch.Tensor:
+                if not idx.numel():  # a rank's share can be empty
+                    return idx.new_zeros(0, dtype=p.dtype)
+                return chunk.run(lambda k: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
+
             try:
-                blocks = [
-                    chunk.run(lambda k, c=c, pos=pos, p=p, idx=idx: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
-                    if idx.numel() else idx.new_zeros(0, dtype=p.dtype)  # a rank's share can be empty
-                    for pos, (p, idx) in enumerate(zip(objective.primals, mine))
-                ]
+                blocks = [layer(pos, p, idx) for pos, (p, idx) in enumerate(zip(objective.primals, mine))]
             except RuntimeError as err:  # the loss and its gradient ran (validate): a second-order failure
                 if isinstance(err, FasthessError) or out_of_memory(err):
                     raise

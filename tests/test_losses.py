@@ -147,7 +147,8 @@ def _runs() -> list:
             continue
         for label, kwargs, args in variants:
             for reduction in ("mean", "sum") + (("batchmean",) if name == "KLDivLoss" else ()):
-                out.append(pytest.param(name, label, kwargs, args, reduction, id=f"{_variant(name, label)}-{reduction}"))
+                run_id = f"{_variant(name, label)}-{reduction}"
+                out.append(pytest.param(name, label, kwargs, args, reduction, id=run_id))
     return out
 
 
@@ -158,7 +159,9 @@ def test_every_torch_loss_module_has_a_case() -> None:
 
 
 @pytest.mark.parametrize("name, label, kwargs, args, reduction", _runs())
-def test_loss_module_is_exact_on_the_default_engine(name: str, label: str, kwargs: dict, args: Args, reduction: str) -> None:
+def test_loss_module_is_exact_on_the_default_engine(
+    name: str, label: str, kwargs: dict, args: Args, reduction: str
+) -> None:
     case = _case(name, kwargs, args, reduction)
     res = fasthess.diag(case.model, case.loss, case.layers, method="exact")
     variant = _variant(name, label)
@@ -209,7 +212,7 @@ def test_a_failing_rule_falls_back_under_auto_and_names_the_op(monkeypatch: pyte
 
 
 def test_the_fused_bce_op_without_a_rule_falls_back() -> None:
-    """``torch.binary_cross_entropy_with_logits`` (not ``F.``, so not decomposed): its generic rule fails in torch 2.13."""
+    """``torch.binary_cross_entropy_with_logits`` (not ``F.``: not decomposed): its generic rule fails in torch 2.13."""
     case = _case("MSELoss", {}, CASES["MSELoss"][0][2], "mean")
     net = case.model["net"]
     loss = lambda: torch.binary_cross_entropy_with_logits(net(X), PROB, None, None, 1)  # noqa: E731 - 1: mean
@@ -246,7 +249,8 @@ def test_loss_decompositions_match_torch() -> None:
             F.soft_margin_loss(x[:4], signs[:4], reduction=reduction),
         )
         torch.testing.assert_close(
-            decompositions.mse_loss(x, y, reduction=reduction, weight=w), F.mse_loss(x, y, reduction=reduction, weight=w)
+            decompositions.mse_loss(x, y, reduction=reduction, weight=w),
+            F.mse_loss(x, y, reduction=reduction, weight=w),
         )
     torch.testing.assert_close(
         decompositions.binary_cross_entropy_with_logits(x, y, size_average=False), fused(x, y, size_average=False)
