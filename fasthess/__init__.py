@@ -27,6 +27,7 @@ from .errors import (
     MemoryRiskError,
     NonFiniteCurvatureError,
     TrainingModeError,
+    UnsupportedOpError,
 )
 from .layers import default_parameters, resolve_parameters
 from .monitor import HessianCallback, Monitor
@@ -46,6 +47,7 @@ __all__ = [
     "NonFiniteCurvatureError",
     "OutputsAndLoss",
     "TrainingModeError",
+    "UnsupportedOpError",
     "autodiff_safe",
     "block",
     "default_parameters",

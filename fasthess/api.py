@@ -15,7 +15,14 @@ from .distributed import ShardPlan, signature, unwrap_ddp
 from .capture import CaptureError
 from .engines import Engine, get_engine
 from .engines.tangent_adjoint import TangentAdjointEngine
-from .errors import MemoryRiskError, NonFiniteCurvatureError
+from .errors import (
+    FasthessError,
+    MemoryRiskError,
+    NonFiniteCurvatureError,
+    UnsupportedOpError,
+    first_line,
+    out_of_memory,
+)
 from .kernels.linear import onehot_family
 from .kernels.registry import preferred_backend, record_kernels, use_backend
 from .layers import LayerSpec, resolve_parameters
@@ -87,8 +94,9 @@ def diag(
         seed: fixes coordinates and probes (same seed, same numbers).
         engine: ``"auto"``, ``"tangent_adjoint"`` (the fast sampled/exact
             engine: first-order tangents downstream of each layer plus one
-            shared backward pass; falls back to the generic engine for losses
-            it cannot record, noted in ``meta["engine_fallback"]``),
+            shared backward pass; falls back to the generic engine for losses it
+            cannot record and, under ``"auto"``, for an op whose second-order rule
+            fails, noted in ``meta["engine_fallback"]``),
             ``"fwd_fwd"`` (nested forward mode, no backward pass), ``"fwd_rev"``
             (vmapped forward-over-reverse HVPs) or ``"double_backward"`` (the
             reference loop).
@@ -137,8 +145,9 @@ def diag(
 
     Raises:
         LayerNotFoundError, LossError, TrainingModeError, MemoryRiskError,
-        NonFiniteCurvatureError, BackendUnavailableError, DistributedError: each
-        with the fix.
+        NonFiniteCurvatureError, BackendUnavailableError, DistributedError,
+        UnsupportedOpError (an op torch cannot differentiate twice, for the chosen
+        engine or, under ``"auto"``, for every engine): each with the fix.
 
     Example:
         >>> import torch, fasthess
@@ -213,7 +222,7 @@ def diag(
                         preferred_backend(onehot_family.name, onehot_family.backends), device.type
                     )[0]
                     layer_results, eng, fallback = _entries(
-                        objective, eng, method, num_samples, seed, chunk, loss_check, log, plan
+                        objective, eng, method, num_samples, seed, chunk, loss_check, log, plan, engine == "auto"
                     )
     seconds = time.perf_counter() - start
 
@@ -273,7 +282,7 @@ class _Chunk:
             try:
                 return fn(self.size)
             except RuntimeError as err:  # torch.OutOfMemoryError is one
-                if not _out_of_memory(err):
+                if not out_of_memory(err):
                     raise
                 if self.size == 1:
                     raise MemoryRiskError(
@@ -286,10 +295,6 @@ class _Chunk:
             self.log(f"out of memory: retrying with {self.size} directions per pass")
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
 def _entries(
     objective: Objective,
     eng: Engine,
@@ -300,8 +305,12 @@ def _entries(
     check: LossCheck,
     log: _Progress,
     plan: ShardPlan,
+    auto: bool,
 ) -> tuple[dict[str, LayerDiag], Engine, str | None]:
-    """Entries of every selected parameter; returns them, the engine used and why it fell back (if it did)."""
+    """Entries of every selected parameter; returns them, the engine used and why it fell back (if it did).
+
+    ``auto``: the engine was chosen by ``engine="auto"``, which also falls back when an op's rule fails.
+    """
     indices = []
     for name, p in zip(objective.names, objective.primals):
         if method == "sampled":
@@ -317,18 +326,41 @@ def _entries(
                 blocks = chunk.run(
                     lambda k, c=c: eng.entries(lambda ps: objective(c, ps), objective.primals, mine, k)
                 )
-            except CaptureError as err:
-                fallback = f"{eng.name} cannot record this loss ({err}); used the generic engine"
+            except (CaptureError, UnsupportedOpError) as err:
+                if isinstance(err, UnsupportedOpError):
+                    if not auto:
+                        raise  # the user chose this engine: its error names the op and the fix
+                    fallback = f"{eng.name} cannot take the second derivative of {err.op} ({err.reason})"
+                else:
+                    fallback = f"{eng.name} cannot record this loss ({err})"
+                fallback += "; used the generic engine"
                 per_tangent = eng.per_tangent_bytes(check)
                 eng = get_engine("auto_generic", method, objective.primals[0].device.type)
                 chunk.size = max(1, chunk.size * per_tangent // eng.per_tangent_bytes(check))
                 log(fallback)
         if not isinstance(eng, TangentAdjointEngine):
-            blocks = [
-                chunk.run(lambda k, c=c, pos=pos, p=p, idx=idx: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
-                if idx.numel() else idx.new_zeros(0, dtype=p.dtype)  # a rank's share can be empty
-                for pos, (p, idx) in enumerate(zip(objective.primals, mine))
-            ]
+            def layer(pos: int, p: torch.Tensor, idx: torch.Tensor, c: int = c) -> torch.Tensor:
+                if not idx.numel():  # a rank's share can be empty
+                    return idx.new_zeros(0, dtype=p.dtype)
+                return chunk.run(lambda k: eng.diagonal_entries(objective.of(c, pos), p, idx, k))
+
+            try:
+                blocks = [layer(pos, p, idx) for pos, (p, idx) in enumerate(zip(objective.primals, mine))]
+            except RuntimeError as err:  # the loss and its gradient ran (validate): a second-order failure
+                if isinstance(err, FasthessError) or out_of_memory(err):
+                    raise
+                hint = (
+                    "No engine can: torch has no double-backward rule for one of its ops (CTCLoss, MultiMarginLoss and "
+                    "MultiLabelMarginLoss have none: see the README); write that part from twice-differentiable ops"
+                    if eng.name == "double_backward"
+                    else "Try engine='double_backward', which needs only torch's double-backward rules"
+                )
+                before = f"; before that, {fallback}" if fallback else ""
+                raise UnsupportedOpError(
+                    f"engine {eng.name!r} cannot take the second derivative of this loss "
+                    f"(torch: {first_line(err)}){before}. {hint}.",
+                    reason=first_line(err),
+                ) from err
         for total, block in zip(totals, blocks):
             total += block.detach().to(torch.float64)
         log(f"closure {c + 1}/{len(objective)}: {sum(i.numel() for i in mine)} entries")

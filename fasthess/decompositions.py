@@ -9,6 +9,9 @@ in ways that range from an error to a silently wrong number:
 * ``F.scaled_dot_product_attention``: the CPU flash kernel has neither a
   forward-AD rule nor a double backward.
 * ``F.mse_loss``: forward-over-reverse raises on an immutable ZeroTensor.
+* ``F.binary_cross_entropy_with_logits`` (without ``pos_weight``): nested forward AD
+  raises on an immutable ZeroTensor.
+* ``F.huber_loss`` / ``F.soft_margin_loss``: the fused backward has no forward-AD rule.
 * ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path: a fused
   kernel with no forward-AD rule.
 
@@ -189,6 +192,27 @@ def scaled_dot_product_attention(
     return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
+def _reduction(size_average: Any, reduce: Any, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        return torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _reduced(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _check_weight(weight: Tensor | None, input: Tensor) -> None:
+    if weight is not None and weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+
+
 def mse_loss(
     input: Tensor,
     target: Tensor,
@@ -197,18 +221,56 @@ def mse_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Decomposed ``F.mse_loss``."""
-    if size_average is not None or reduce is not None:
-        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    """Decomposed ``F.mse_loss`` (weighted ``"mean"``: divided by the sum of the weights, as torch does)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    _check_weight(weight, input)
     diff = input - target
     sq = diff * diff
-    if weight is not None:
-        sq = sq * weight
-    if reduction == "mean":
-        return sq.mean()
-    if reduction == "sum":
-        return sq.sum()
-    return sq
+    if weight is None:
+        return _reduced(sq, reduction)
+    sq = sq * weight
+    return sq.sum() / weight.sum() if reduction == "mean" else _reduced(sq, reduction)
+
+
+def huber_loss(
+    input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0, weight: Tensor | None = None
+) -> Tensor:
+    """Decomposed ``F.huber_loss`` (torch's fused one has no forward-mode derivative of its backward)."""
+    _check_weight(weight, input)
+    diff = input - target
+    size = diff.abs()
+    loss = torch.where(size < delta, 0.5 * diff * diff, delta * (size - 0.5 * delta))
+    return _reduced(loss * weight if weight is not None else loss, reduction)
+
+
+def soft_margin_loss(
+    input: Tensor, target: Tensor, size_average: Any = None, reduce: Any = None, reduction: str = "mean"
+) -> Tensor:
+    """Decomposed ``F.soft_margin_loss``: ``log(1 + exp(-y x)) = -log σ(y x)`` (finite where torch's overflows)."""
+    return _reduced(-F.logsigmoid(input * target), _reduction(size_average, reduce, reduction))
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: Any = None,
+    reduce: Any = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    """Decomposed ``F.binary_cross_entropy_with_logits``: ``(1 - y) x - (1 + (p - 1) y) log σ(x)``.
+
+    The fused op's nested forward-mode derivative fails in torch 2.13 without ``pos_weight``.
+    (``log σ`` is torch's stable ``logsigmoid``; a ``max(-x, 0) + log1p(exp(-|x|))`` form would
+    get the derivative at ``x = 0`` wrong, where ``relu`` and ``abs`` have subgradient 0.)
+    """
+    reduction = _reduction(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    log_weight = 1 if pos_weight is None else 1 + (pos_weight - 1) * target
+    loss = (1 - target) * input - log_weight * F.logsigmoid(input)
+    return _reduced(loss * weight if weight is not None else loss, reduction)
 
 
 class _Patcher:
@@ -254,6 +316,9 @@ class _Patcher:
             "group_norm": group_norm,
             "scaled_dot_product_attention": scaled_dot_product_attention,
             "mse_loss": mse_loss,
+            "huber_loss": huber_loss,
+            "soft_margin_loss": soft_margin_loss,
+            "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
             "cross_entropy": self._cross_entropy(),
             "dropout": self._dropout_guard("dropout"),
             "dropout1d": self._dropout_guard("dropout1d"),

@@ -221,18 +221,21 @@ def dense_hessian_diagonals(case: Case, names: list[str]) -> dict[str, Tensor]:
     return {name: full_hessian(case, name).diagonal().clone() for name in names}
 
 
-def full_hessian(case: Case, name: str) -> Tensor:
+def full_hessian(case: Case, name: str, decomposed: bool = True) -> Tensor:
     """The dense ``(n, n)`` float64 Hessian of one parameter.
 
     Computed reverse-over-reverse (``jacrev(jacrev)``), so the ground truth trusts
     no forward-mode AD rule, under the decompositions that keep the fused kernels'
-    missing double-backward rules out of the way.
+    missing double-backward rules out of the way (``decomposed=False``: torch's own
+    ops, for a model whose ops all have double-backward rules).
     """
+    import contextlib
+
     import fasthess
     from torch.func import jacrev
 
     p = dict(case.model.named_parameters())[name].detach()
-    with fasthess.autodiff_safe():
+    with fasthess.autodiff_safe() if decomposed else contextlib.nullcontext():
         H = jacrev(jacrev(lambda w: _loss_with(case, name, w)))(p)
     return H.detach().reshape(p.numel(), p.numel())
 

@@ -115,6 +115,8 @@ def generic_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[
     dense = [_densify(tans[i]) for i in pos]
     xs = [primal[i] for i in pos]
     keep = [j for j, i in enumerate(node.out_ids) if i is not None]
+    if not keep:  # e.g. a comparison: no floating output, so no tangent and no curvature
+        return [None] * len(node.out_ids), None
 
     def f(*ys: Tensor) -> tuple[Tensor, ...]:
         flat = list(primal)

@@ -28,7 +28,9 @@ A sampled entry of a linear weight enters as a copy of one input column (no
 matmul), the upstream part of the network is never revisited, and no backward
 pass runs per entry: a generic forward-over-reverse HVP costs about three times
 as much per direction. Models that cannot be recorded (in-place updates of
-dependent tensors, random ops) fall back to the generic engine.
+dependent tensors, random ops) fall back to the generic engine, and so, under
+``diag(engine="auto")``, do losses with an op whose rule fails
+(:class:`fasthess.errors.UnsupportedOpError`).
 
 Example:
     >>> import torch
@@ -48,6 +50,7 @@ from torch import Tensor
 
 from .. import fused_nodes
 from ..capture import Graph, Ref, capture
+from ..errors import FasthessError, UnsupportedOpError, first_line, out_of_memory
 from ..objective import LossCheck
 from .base import Engine, ScalarFn
 from .second_order_rules import LINEAR_OPS, PAIRED_OPS, RULES, OneHot, generic_rule, reads_primal_inputs
@@ -128,6 +131,8 @@ class TangentAdjointEngine(Engine):
 
         Raises:
             fasthess.capture.CaptureError: the loss cannot be recorded (callers fall back).
+            fasthess.errors.UnsupportedOpError: an op's rule failed (torch has no usable
+                higher-order derivative for it); ``diag(engine="auto")`` falls back.
         """
         graph = capture(f, params, fused=fused_nodes.enabled())
         values, adjoints = _primal_and_adjoints(graph, params)
@@ -191,7 +196,17 @@ def _directional(
         primal = [values.get(a.id) if isinstance(a, Ref) else a for a in node.flat_args]
         lams = [adjoints.get(i) if i is not None else None for i in node.out_ids]
         rule = RULES.get(node.func, generic_rule)
-        outs, contribution = rule(node, primal, tans, lams)
+        try:
+            outs, contribution = rule(node, primal, tans, lams)
+        except RuntimeError as err:  # NotImplementedError is one
+            if isinstance(err, FasthessError) or out_of_memory(err):
+                raise
+            raise UnsupportedOpError(
+                f"the tangent-adjoint engine cannot take the second derivative of {node.func} "
+                f"(torch: {first_line(err)}). Try engine='double_backward' (plain autograd), or "
+                "engine='auto', which falls back to it.",
+                op=str(node.func), reason=first_line(err),
+            ) from err
         if contribution is not None:
             total += contribution
         for i, t in zip(node.out_ids, outs):
