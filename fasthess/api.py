@@ -14,6 +14,7 @@ from .decompositions import autodiff_safe
 from .distributed import ShardPlan, signature, unwrap_ddp
 from .capture import CaptureError
 from .engines import Engine, get_engine
+from .engines.generic_second_order import record_generic_ops
 from .engines.tangent_adjoint import TangentAdjointEngine
 from .errors import (
     FasthessError,
@@ -208,7 +209,8 @@ def diag(
         fallback, extra = None, {}
         count = num_probes if method in ESTIMATED else num_samples if method == "sampled" else 0
         plan.check(signature(method, objective, count, seed, probe, plan.requested), chunk)
-        with plan.guard(chunk), record_kernels() as kernels:  # a failure is reported to the other ranks
+        # a failure is reported to the other ranks
+        with plan.guard(chunk), record_kernels() as kernels, record_generic_ops() as generic_ops:
             if method in ESTIMATED:
                 layer_results, extra = estimators.estimate(
                     objective, eng, chunk, method=method, num_probes=num_probes, probe=probe, seed=seed,
@@ -233,6 +235,7 @@ def diag(
         "engine_fallback": fallback,
         "backend": used_backend,
         "kernels": {family: "+".join(sorted(names)) for family, names in sorted(kernels.items())},  # those that ran
+        "generic_ops": dict(sorted(generic_ops.items())),  # ops without a rule: the checked path each took
         "seed": seed,
         "num_samples": num_samples if method == "sampled" else None,
         "num_probes": num_probes if method in ("hutchinson", "ggn_mc") else None,

@@ -146,8 +146,11 @@ class _Recorder(TorchDispatchMode):
         if torch.Tag.nondeterministic_seeded in func.tags:
             raise CaptureError(f"{func} is random and depends on the parameters")
         out_flat, out_spec = tree_flatten(out)
-        if not any(isinstance(t, Tensor) for t in out_flat):
-            return out  # e.g. .item(): the value is specialised, as autograd would do
+        if any(isinstance(t, Tensor) and t.is_complex() for t in out_flat):
+            raise CaptureError(f"{func} makes a complex tensor from the parameters (the engine follows real tensors)")
+        if not any(_tracked(t) for t in out_flat):
+            # .item(), comparisons, argmax, integer casts: constants of the point, as autograd treats them
+            return out
         flat_args = []
         for a, d in zip(flat, deps):
             if d is not None:

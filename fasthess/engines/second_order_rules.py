@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm,cross_entropy}_fused
 from ..capture import Node
+from .generic_second_order import PATHS, verdict
 
 aten = torch.ops.aten
 
@@ -110,36 +111,29 @@ def _outputs(node: Node, out: Any) -> list[Tensor | None]:
 
 
 def generic_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
-    """Any op: tangent by ``jvp``, second-order term by ``jvp`` of ``jvp``, on this op alone."""
+    """Any op: tangent and second-order term by the path of :mod:`.generic_second_order` checked for it."""
     pos = [i for i, t in enumerate(tans) if t is not None]
-    dense = [_densify(tans[i]) for i in pos]
-    xs = [primal[i] for i in pos]
     keep = [j for j, i in enumerate(node.out_ids) if i is not None]
-    if not keep:  # e.g. a comparison: no floating output, so no tangent and no curvature
+    if not keep:  # no floating output (capture records none such; kept for rules that delegate here)
         return [None] * len(node.out_ids), None
 
-    def f(*ys: Tensor) -> tuple[Tensor, ...]:
-        flat = list(primal)
-        for p, y in zip(pos, ys):
-            flat[p] = y
-        outs, _ = tree_flatten(_unflatten_call(node, flat))
-        return tuple(outs[j] for j in keep)
+    def make_f(flat_args: Sequence[Any]) -> Callable[..., tuple[Tensor, ...]]:
+        def f(*ys: Tensor) -> tuple[Tensor, ...]:
+            flat = list(flat_args)
+            for p, y in zip(pos, ys):
+                flat[p] = y
+            outs, _ = tree_flatten(_unflatten_call(node, flat))
+            return tuple(outs[j] for j in keep)
 
-    def first(*ts: Tensor) -> tuple[Tensor, ...]:
-        return torch.func.jvp(f, tuple(xs), ts)[1]
+        return f
 
-    tangents = torch.vmap(first)(*dense)
+    path = PATHS[verdict(node.func, primal, pos, make_f).path]
+    tangents, contribution = path(
+        make_f(primal), [primal[i] for i in pos], [_densify(tans[i]) for i in pos], [lams[j] for j in keep]
+    )
     out: list[Tensor | None] = [None] * len(node.out_ids)
     for j, t in zip(keep, tangents):
         out[j] = t
-    contribution = None
-    if any(lams[j] is not None for j in keep):
-
-        def second(*ts: Tensor) -> tuple[Tensor, ...]:
-            return torch.func.jvp(lambda *ys: torch.func.jvp(f, ys, ts)[1], tuple(xs), ts)[1]
-
-        qs = torch.vmap(second)(*dense)
-        contribution = sum(_k_sum(lams[j] * q) for j, q in zip(keep, qs) if lams[j] is not None)
     return out, contribution
 
 
