@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tolerances import DISTRIBUTED_VS_SINGLE, ENGINE_VS_DENSE, assert_entries_close
+from torch.torch_version import TorchVersion
 from zoo import mlp
 
 import fasthess
@@ -79,7 +80,7 @@ def _spawn(fn, tmp_path: Path, timeout: float = 120, backend: str = "gloo") -> l
     for r in range(WORLD):
         path = tmp_path / f"rank{r}.pt"
         assert path.exists(), f"rank {r} saved nothing (exit code {procs[r].exitcode}); see the captured stderr"
-        with torch.serialization.safe_globals([fasthess.DiagResult, LayerDiag]):  # the ranks' results, no code
+        with torch.serialization.safe_globals([fasthess.DiagResult, LayerDiag, TorchVersion]):  # results, no code
             saved.append(torch.load(path, weights_only=True))
     return saved
 

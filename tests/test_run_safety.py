@@ -8,6 +8,7 @@ subprocess with one thread, so runs compare bit for bit.
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import pickle
@@ -93,6 +94,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _finish(_start(cfg, out, hash_seed=1), out)
     assert json.loads((out / "equal_loss.json").read_text())["restarts"], "no pair matched: the restarts did not run"
     return cfg, out
+
+
+@pytest.mark.parametrize("module", [checkpoint, seeding], ids=lambda m: m.__name__)
+def test_docstring_examples(module) -> None:  # noqa: ANN001
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ----------------------------------------------------------------------------- seeds
