@@ -1,6 +1,6 @@
 """Seeds of the experiments, derived from the config's seed and integers or names, equal in every process.
 
-Python's ``hash()`` of a tuple holding a string changes from process to process
+Python's built-in ``hash`` of a tuple holding a string changes from process to process
 (``PYTHONHASHSEED``), so a seed taken from it makes a run unrepeatable. Every
 derived seed of the drivers comes from :func:`derive_seed` instead: a BLAKE2b
 digest of the parts, the same on every run, platform and Python version.

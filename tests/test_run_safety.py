@@ -221,7 +221,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     with pytest.raises(checkpoint.CheckpointError, match=r"sgdm-r0.pt cannot be read .*holds objects that loading"):
         checkpoint.load(path, "any")
     assert not marker.exists()
-    with zipfile.ZipFile(path) as z:  # unpickled in full, as torch.load(weights_only=False) would, it runs code
+    with zipfile.ZipFile(path) as z:  # unpickled in full (what torch.load used to do), it runs code
         pickle.loads(z.read(next(n for n in z.namelist() if n.endswith("data.pkl"))))
     assert marker.is_dir()
 
