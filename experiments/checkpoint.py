@@ -75,26 +75,21 @@ def load(path: Path, config: str, fix: str = FIX) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, empty, not a checkpoint, or objects that would run code
-        lines = [line for line in str(err).splitlines() if line.strip()] or ["empty file" if _empty(path) else ""]
+        lines = [line for line in str(err).splitlines() if line.strip()] or ["empty file" * (path.stat().st_size == 0)]
         reason = next((line for line in lines if "unsupported" in line.lower()), lines[0])[:300]  # not torch's advice
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {reason}); it is truncated, "
-                              f"corrupt, or holds objects that loading would have to run. Fix: {fix}") from err
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(err).__name__}: {reason}); it is "
+                              f"truncated, corrupt, or holds objects that loading would have to run. "
+                              f"Fix: {fix}") from err
     if not isinstance(saved, dict) or "format" not in saved:
         raise CheckpointError(f"{path} is not a checkpoint of these drivers (no format record). Fix: {fix}")
     if (saved["format"], saved.get("fasthess")) != (FORMAT, fasthess.__version__):
         raise CheckpointError(f"{path} was written by fasthess {saved.get('fasthess')} (checkpoint format "
-                              f"{saved['format']}), this is fasthess {fasthess.__version__} (format {FORMAT}). Fix: {fix}")
+                              f"{saved['format']}), this is fasthess {fasthess.__version__} (format {FORMAT}). "
+                              f"Fix: {fix}")
     if saved.get("config") != config:
         raise CheckpointError(f"{path} was written by another config (fingerprint {saved.get('config')}, this run's "
                               f"{config}). Fix: {fix}")
     return saved
-
-
-def _empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return False
 
 
 def write_json(path: Path, obj: Any, indent: int | None = None) -> None:

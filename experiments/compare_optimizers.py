@@ -23,8 +23,8 @@ Runs are resumable: model and optimizer state are checkpointed every
 killed run continues where it stopped and ends with the records of an uninterrupted
 one, bit for bit (every step draws its mini-batch and dropout masks from
 :mod:`seeding`). Checkpoints are plain tensors, read without running code, written
-atomically and tied to their config (:mod:`checkpoint`). ``snapshot_steps`` keeps the weights at
-those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
+atomically and tied to their config (:mod:`checkpoint`). ``snapshot_steps`` keeps
+the weights at those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
 
 Run:
     python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
@@ -89,7 +89,8 @@ NOT_IN_RUN = ("_note", "repeats", "checkpoint_every", "optimizers", "variants", 
 
 def run_fingerprint(cfg: dict, opt_name: str) -> str:
     """The fingerprint of what a run of ``opt_name`` depends on: its checkpoints, snapshots and records carry it."""
-    return fingerprint({"optimizer": cfg["optimizers"][opt_name], **{k: v for k, v in cfg.items() if k not in NOT_IN_RUN}})
+    rest = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN}
+    return fingerprint({"optimizer": cfg["optimizers"][opt_name], **rest})
 
 
 def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> dict:
