@@ -20,8 +20,11 @@ data; each gain a ``variant``), ``table6`` (RMSprop and AMSGrad against SGD+M),
 (Table 2(a) with weight decay 0.001) and ``table10`` (ResNet; offline MNIST-5k).
 Runs are resumable: model and optimizer state are checkpointed every
 ``checkpoint_every`` steps and every finished Hessian evaluation is kept, so a
-killed run continues where it stopped. ``snapshot_steps`` keeps the weights at
-those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
+killed run continues where it stopped and ends with the records of an uninterrupted
+one, bit for bit (every step draws its mini-batch and dropout masks from
+:mod:`seeding`). Checkpoints are plain tensors, read without running code, written
+atomically and tied to their config (:mod:`checkpoint`). ``snapshot_steps`` keeps
+the weights at those steps (for ``equal_loss.py``: Table 7 and Figure 1(a)).
 
 Run:
     python experiments/compare_optimizers.py table2b --preset quick --out runs/table2b
@@ -45,10 +48,12 @@ import fasthess
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from checkpoint import fingerprint, load, read_json, save, write_json  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from parallel import run_jobs  # noqa: E402
 from plots import plot_losses, plot_rmed, plot_rmed_over_time  # noqa: E402
 from provenance import provenance, write_csv  # noqa: E402
+from seeding import seed_step  # noqa: E402
 from tasks import Seq2Seq, get_task, seq2seq_loss  # noqa: E402,F401  (Seq2Seq, seq2seq_loss: for importers)
 
 
@@ -77,11 +82,24 @@ def set_learning_rate(opt, cfg: dict, step: int) -> None:  # noqa: ANN001
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
+# config sections one optimizer's repeats do not depend on (the other drivers' sections among them)
+NOT_IN_RUN = ("_note", "repeats", "checkpoint_every", "optimizers", "variants", "equal_loss", "restart",
+              "checkpoint_steps", "dominance", "alignment", "low_rank")
+
+
+def run_fingerprint(cfg: dict, opt_name: str) -> str:
+    """The fingerprint of what a run of ``opt_name`` depends on: its checkpoints, snapshots and records carry it."""
+    rest = {k: v for k, v in cfg.items() if k not in NOT_IN_RUN}
+    return fingerprint({"optimizer": cfg["optimizers"][opt_name], **rest})
+
+
 def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> dict:
     """Train one optimizer for one repeat (resuming from its checkpoint) and measure the Hessians."""
     record_path = out / "runs" / f"{opt_name}-r{repeat}.json"
+    config = run_fingerprint(cfg, opt_name)
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        return read_json(record_path, config, fix="pass a new --out folder (or move this finished record away "
+                                                  "to compute it again)")
     ckpt_path = out / "checkpoints" / f"{opt_name}-r{repeat}.pt"
     task = get_task(cfg)
     torch.manual_seed(cfg["seed"])  # the same initialisation for every optimizer and repeat
@@ -89,7 +107,7 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
     opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
     state = {"step": 0, "losses": [], "hessians": {}}
     if ckpt_path.exists():
-        saved = torch.load(ckpt_path, weights_only=False)
+        saved = load(ckpt_path, config)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -101,10 +119,8 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
     while True:
         step = state["step"]
         if step in snapshots:  # for comparisons at equal loss (Table 7, Figure 1(a)) and the analyses
-            snap = out / "snapshots" / f"{opt_name}-r{repeat}-s{step}.pt"
-            snap.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "losses": list(state["losses"]),
-                        "step": step}, snap)
+            save(out / "snapshots" / f"{opt_name}-r{repeat}-s{step}.pt", {"model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "losses": list(state["losses"]), "step": step}, config)
         if step in cfg["eval_steps"] and str(step) not in state["hessians"]:
             model.eval()
             res = fasthess.diag(model, hess_loss, hessian_layers(cfg), num_samples=cfg["num_samples"], seed=cfg["seed"])
@@ -113,9 +129,8 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
         if step >= cfg["steps"]:
             break
         model.train()
-        g = torch.Generator().manual_seed(hash((cfg["seed"], repeat, step)) % 2**62)  # order fixed per (repeat, step)
+        g = seed_step(cfg["seed"], "run", repeat, step)  # batch and dropout masks fixed per (repeat, step)
         idx = torch.randint(0, len(next(iter(data.values()))), (batch,), generator=g)
-        torch.manual_seed(hash((cfg["seed"], repeat, step, 1)) % 2**62)  # dropout masks too
         set_learning_rate(opt, cfg, step)
         opt.zero_grad()
         loss = task.loss(model, {k: v[idx] for k, v in data.items()})
@@ -131,15 +146,13 @@ def run_repeat(cfg: dict, opt_name: str, repeat: int, data: dict, out: Path) -> 
         state["losses"].append(float(loss.detach()))
         state["step"] = step + 1
         if state["step"] % cfg["checkpoint_every"] == 0:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, ckpt_path)
+            save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, config)
         if state["step"] % max(1, cfg["steps"] // 5) == 0:
             recent = state["losses"][-20:]
             print(f"  {opt_name} r{repeat} step {state['step']}/{cfg['steps']}  loss {sum(recent) / len(recent):.4f}", flush=True)
     record = {"optimizer": opt_name, "repeat": repeat, "losses": state["losses"], "hessians": state["hessians"],
-              "seconds": time.perf_counter() - start}
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps(record))
+              "seconds": time.perf_counter() - start, "fingerprint": config}
+    write_json(record_path, record)
     return record
 
 
@@ -252,8 +265,7 @@ def main() -> None:
     records, rows = finished
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin,
             "seconds": time.perf_counter() - started}  # this invocation (finished jobs of a resumed run are not redone)
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "summary": summary(rows), "table": rows, "runs": records}, indent=1))
+    write_json(out / "results.json", {"meta": meta, "summary": summary(rows), "table": rows, "runs": records}, indent=1)
     plot_losses(records, out / "losses.png", f"{args.experiment} ({args.preset}): training loss")
     plot_rmed(rows, out / "rmed.png", f"{args.experiment} ({args.preset}): R_med per layer")
     plot_rmed_over_time(rows, out / "rmed_over_time.png", f"{args.experiment} ({args.preset})")

@@ -29,6 +29,7 @@ import torch
 
 import fasthess
 from provenance import write_csv
+from seeding import generator
 from train_checkpoints import hessian_loss, load, parse, prepare, pyplot, write_json
 
 NAME = "diag_dominance"
@@ -72,7 +73,7 @@ def measure(cfg: dict, out, data, paths) -> list[dict]:
             layers = {}
             for layer in spec["layers"]:
                 n = dict(model.named_parameters())[layer].numel()
-                g = torch.Generator().manual_seed(cfg["seed"] * 7919 + sum(map(ord, layer)))
+                g = generator(cfg["seed"], "dominance", layer)
                 idx = torch.randperm(n, generator=g)[: spec["rows"]].sort().values
                 h = fasthess.rows(model, loss, layer, idx, engine=spec.get("engine", "auto"))
                 layers[layer] = {"n": n, "indices": idx.tolist(), **row_statistics(h, idx)}

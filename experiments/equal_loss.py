@@ -13,7 +13,8 @@ snapshot on the fixed Hessian batch (eval mode) picks, for every Adam step t of
   iterate t′ of the first pair, on the same mini-batches: the paper finds the run
   from Adam's iterate reaches lower loss.
 
-Every Hessian and restart is stored as it finishes, so a killed run resumes.
+Every Hessian and restart is stored as it finishes (atomically), so a killed run resumes
+and ends with the results of an uninterrupted one.
 
 Run:
     python experiments/equal_loss.py table7 --preset quick --out runs/table7
@@ -33,20 +34,21 @@ import fasthess
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_optimizers import hessian_layers, make_data, run_all, set_learning_rate  # noqa: E402
+from checkpoint import load, read_json, write_json  # noqa: E402
+from compare_optimizers import hessian_layers, make_data, run_all, run_fingerprint, set_learning_rate  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402
 from provenance import provenance, write_csv  # noqa: E402
+from seeding import seed_step  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 
 def cached(path: Path, compute) -> dict:  # noqa: ANN001
     """The JSON at ``path``, computing and writing it first if it is missing (resumable steps)."""
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path)
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
+    write_json(path, value)
     return value
 
 
@@ -61,8 +63,10 @@ class Snapshots:
     def model(self, optimizer: str, repeat: int, step: int) -> torch.nn.Module:
         torch.manual_seed(self.cfg["seed"])
         model = self.task.build(self.cfg, self.data)
-        model.load_state_dict(torch.load(self.out / "snapshots" / f"{optimizer}-r{repeat}-s{step}.pt",
-                                         weights_only=False)["model"])
+        path = self.out / "snapshots" / f"{optimizer}-r{repeat}-s{step}.pt"
+        record = self.out / "runs" / f"{optimizer}-r{repeat}.json"
+        fix = f"delete it and {record} (that repeat trains again), or pass a new --out folder"
+        model.load_state_dict(load(path, run_fingerprint(self.cfg, optimizer), fix)["model"])
         return model.eval()
 
     def hessian_loss(self, model: torch.nn.Module) -> list:
@@ -96,9 +100,8 @@ def restart(cfg: dict, snaps: Snapshots, optimizer: str, repeat: int, step: int)
     losses = []
     for i in range(steps):
         model.train()
-        g = torch.Generator().manual_seed(hash((cfg["seed"], "restart", i)) % 2**62)
+        g = seed_step(cfg["seed"], "restart", i)
         idx = torch.randint(0, n, (batch,), generator=g)
-        torch.manual_seed(hash((cfg["seed"], "restart", i, 1)) % 2**62)
         set_learning_rate(opt, dict(cfg, steps=steps), i)
         opt.zero_grad()
         loss = snaps.task.loss(model, {k: v[idx] for k, v in snaps.data.items()})
@@ -172,8 +175,8 @@ def main() -> None:
         plot_restarts(restarts, cfg, out / "figure1a.png")
 
     meta = {"experiment": args.experiment, "preset": args.preset, "config": cfg, **origin}
-    (out / "equal_loss.json").write_text(json.dumps({"meta": meta, "pairs": pairs, "table": rows,
-                                                     "restarts": restarts, "runs": records}, indent=1))
+    write_json(out / "equal_loss.json", {"meta": meta, "pairs": pairs, "table": rows, "restarts": restarts,
+                                         "runs": records}, indent=1)
     lines = [f"# {args.experiment} ({args.preset}): R_med at equal loss, {other} at step t vs {reference} at t′"]
     if rows:
         write_csv(out / "table.csv", rows)

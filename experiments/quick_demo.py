@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from provenance import provenance  # noqa: E402
+from seeding import derive_seed  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -59,7 +60,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, cfg: dict, name: str) ->
     losses = []
     model.train()
     for step in range(cfg["steps"]):
-        ids, y = make_data(cfg, cfg["batch"], seed=10_000 + step)  # same batches for both optimizers
+        ids, y = make_data(cfg, cfg["batch"], derive_seed(cfg["seed"], "batch", step))  # the same for both optimizers
         loss = F.cross_entropy(model(ids), y)
         opt.zero_grad()
         loss.backward()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "SGDM": lambda m: torch.optim.SGD(m.parameters(), lr=cfg["sgdm_lr"], momentum=cfg["sgdm_momentum"]),
         "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=cfg["adam_lr"], betas=tuple(cfg["adam_betas"])),
     }
-    hx, hy = make_data(cfg, cfg["hessian_examples"], seed=1)
+    hx, hy = make_data(cfg, cfg["hessian_examples"], derive_seed(cfg["seed"], "hessian batch"))
     mb = cfg["hessian_micro_batch"]
     results, losses = {}, {}
     for name, make_opt in runs.items():

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402
 from provenance import provenance, write_csv  # noqa: E402
+from seeding import generator  # noqa: E402
 
 
 class TwoLayerLinear(nn.Module):
@@ -70,7 +71,7 @@ def optimizer_spec(name: str, cfg: dict) -> dict:
 
 def run_one(d: int, optimizer: str, cfg: dict, seed: int) -> dict:
     """Train one (d, optimizer) pair and measure R_med of W1 and w2 along the way."""
-    g = torch.Generator().manual_seed(seed * 100_003 + d)
+    g = generator(seed, "theorem1", d)
     model = TwoLayerLinear(d, cfg["alpha"], g)
     target = torch.randn(d, generator=g, dtype=torch.float64) / math.sqrt(d)  # ‖A‖ ≈ 1
     opt = make_optimizer(optimizer_spec(optimizer, cfg), model.parameters())

@@ -6,7 +6,8 @@ Transformer trained from one initialisation by each optimizer of
 ``configs/analysis.json``, saved (model and optimizer state) at
 ``checkpoint_steps``. Whichever driver runs first trains; the others load. Training
 resumes from the last saved checkpoint, and a checkpoint directory made with a
-different training config is refused rather than silently mixed.
+different training config is refused (:class:`checkpoint.CheckpointError`) rather
+than silently mixed; checkpoints are read without running code (:mod:`checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare_optimizers import Seq2Seq, make_data, run_repeat, seq2seq_loss  # noqa: E402
+import checkpoint  # noqa: E402
+from compare_optimizers import Seq2Seq, make_data, run_fingerprint, run_repeat, seq2seq_loss  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from plots import pyplot  # noqa: E402,F401  (re-exported for the analysis drivers)
 from provenance import provenance  # noqa: E402
@@ -66,6 +68,13 @@ def _path(out: Path, opt_name: str, step: int) -> Path:
     return out / "train" / "snapshots" / f"{opt_name}-r0-s{step}.pt"
 
 
+def run_config(cfg: dict) -> dict:
+    """The ``compare_optimizers`` config of the training: no Hessians, snapshots at ``checkpoint_steps``."""
+    last = max(cfg["checkpoint_steps"])
+    return {**cfg, "steps": last, "eval_steps": [], "snapshot_steps": cfg["checkpoint_steps"],
+            "checkpoint_every": cfg.get("checkpoint_every", max(1, last // 6))}
+
+
 def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
     """``{optimizer: {step: checkpoint path}}``, training (or resuming) whatever is missing.
 
@@ -75,14 +84,11 @@ def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
     """
     stamp = out / "train" / "config.json"
     train_cfg = {k: cfg[k] for k in TRAIN_KEYS}
-    if stamp.exists() and json.loads(stamp.read_text()) != train_cfg:
-        raise ValueError(f"{out / 'train'} holds checkpoints of a different training config; pass another --out "
-                         "or delete that directory")
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(train_cfg, indent=1))
-    last = max(cfg["checkpoint_steps"])
-    run_cfg = {**cfg, "steps": last, "eval_steps": [], "snapshot_steps": cfg["checkpoint_steps"],
-               "checkpoint_every": cfg.get("checkpoint_every", max(1, last // 6))}
+    if stamp.exists() and checkpoint.read_json(stamp) != train_cfg:
+        raise checkpoint.CheckpointError(f"{out / 'train'} holds checkpoints of a different training config; pass "
+                                         "another --out or delete that directory")
+    write_json(stamp, train_cfg)
+    run_cfg = run_config(cfg)
     paths = {o: {s: _path(out, o, s) for s in cfg["checkpoint_steps"]} for o in cfg["optimizers"]}
     for opt_name, by_step in paths.items():
         if not all(p.exists() for p in by_step.values()):
@@ -96,7 +102,7 @@ def checkpoints(cfg: dict, out: Path, data: dict) -> dict[str, dict[int, Path]]:
 
 def load(cfg: dict, path: Path, opt_name: str) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
     """Model (in eval mode), optimizer and saved record of one checkpoint."""
-    saved = torch.load(path, weights_only=False)
+    saved = checkpoint.load(path, run_fingerprint(run_config(cfg), opt_name))
     model = build_model(cfg)
     model.load_state_dict(saved["model"])
     opt = make_optimizer(cfg["optimizers"][opt_name], model.parameters())
@@ -111,4 +117,5 @@ def prepare(cfg: dict, out: Path) -> tuple[dict, dict[str, dict[int, Path]]]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=1))
+    """``obj`` as indented JSON, written atomically."""
+    checkpoint.write_json(path, obj, indent=1)

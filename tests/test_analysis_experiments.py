@@ -16,7 +16,9 @@ from tolerances import BLOCK_VS_DENSE, assert_entries_close
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import checkpoint  # noqa: E402
 import gradient_alignment  # noqa: E402
+import seeding  # noqa: E402
 import smoothness_init  # noqa: E402
 import train_checkpoints  # noqa: E402
 
@@ -101,7 +103,7 @@ def test_analysis_drivers_share_checkpoints_and_cross_check(
     config = json.loads(cfg_path.read_text())
     config["quick"]["optimizers"]["adam"]["lr"] = 0.5
     cfg_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="different training config"):
+    with pytest.raises(checkpoint.CheckpointError, match="different training config"):
         _run("low_rank", cfg_path, out, capsys, monkeypatch)
 
 
@@ -112,17 +114,16 @@ def test_shared_training_is_the_tables_training(tmp_path: Path) -> None:
     paths = train_checkpoints.checkpoints(cfg, tmp_path / "a", data)
     record = json.loads((tmp_path / "a/train/runs/sgdm-r0.json").read_text())
     for step, path in paths["sgdm"].items():
-        saved = torch.load(path, weights_only=False)
+        _, _, saved = train_checkpoints.load(cfg, path, "sgdm")
         assert saved["step"] == step and saved["losses"] == record["losses"][:step]
-        assert set(saved) == {"model", "optimizer", "losses", "step"}
-    final = torch.load(paths["sgdm"][max(paths["sgdm"])], weights_only=False)
+        assert set(saved) == {"model", "optimizer", "losses", "step", "format", "fasthess", "config"}
+    final = train_checkpoints.load(cfg, paths["sgdm"][max(paths["sgdm"])], "sgdm")[2]
     torch.manual_seed(cfg["seed"])
     model = train_checkpoints.build_model(cfg)
     opt = train_checkpoints.make_optimizer(cfg["optimizers"]["sgdm"], model.parameters())
     for step in range(max(paths["sgdm"])):  # the same steps, by hand
-        g = torch.Generator().manual_seed(hash((cfg["seed"], 0, step)) % 2**62)
+        g = seeding.seed_step(cfg["seed"], "run", 0, step)
         idx = torch.randint(0, data["src"].shape[0], (cfg["data"]["batch"],), generator=g)
-        torch.manual_seed(hash((cfg["seed"], 0, step, 1)) % 2**62)
         model.train()
         opt.zero_grad()
         train_checkpoints.seq2seq_loss(model, data["src"][idx], data["tgt"][idx]).backward()

@@ -19,10 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from tolerances import DISTRIBUTED_VS_SINGLE, ENGINE_VS_DENSE, assert_entries_close
+from torch.torch_version import TorchVersion
 from zoo import mlp
 
 import fasthess
 from fasthess.errors import DistributedError
+from fasthess.result import LayerDiag
 
 WORLD = 2
 CASES = {
@@ -78,7 +80,8 @@ def _spawn(fn, tmp_path: Path, timeout: float = 120, backend: str = "gloo") -> l
     for r in range(WORLD):
         path = tmp_path / f"rank{r}.pt"
         assert path.exists(), f"rank {r} saved nothing (exit code {procs[r].exitcode}); see the captured stderr"
-        saved.append(torch.load(path, weights_only=False))
+        with torch.serialization.safe_globals([fasthess.DiagResult, LayerDiag, TorchVersion]):  # results, no code
+            saved.append(torch.load(path, weights_only=True))
     return saved
 
 
