@@ -323,24 +323,32 @@ def _entries(
     mine = plan.split(indices)  # this rank's coordinates: all of them unless directions are sharded
     totals = [torch.zeros(i.numel(), dtype=torch.float64, device=i.device) for i in mine]
     fallback = None
+
+    def to_generic(reason: str) -> Engine:
+        nonlocal fallback
+        fallback = f"{reason}; used the generic engine"
+        log(fallback)
+        generic = get_engine("auto_generic", method, objective.primals[0].device.type)
+        chunk.size = max(1, chunk.size * eng.per_tangent_bytes(check) // generic.per_tangent_bytes(check))
+        return generic
+
+    if isinstance(eng, TangentAdjointEngine) and check.custom_functions:
+        eng = to_generic(
+            f"{eng.name} differentiates the forward ops it records, and the loss calls torch.autograd.Function "
+            f"{', '.join(check.custom_functions)}, whose backward autograd follows instead"
+        )
     for c in plan.closures(len(objective)):
         if isinstance(eng, TangentAdjointEngine):
             try:
                 blocks = chunk.run(
                     lambda k, c=c: eng.entries(lambda ps: objective(c, ps), objective.primals, mine, k)
                 )
-            except (CaptureError, UnsupportedOpError) as err:
-                if isinstance(err, UnsupportedOpError):
-                    if not auto:
-                        raise  # the user chose this engine: its error names the op and the fix
-                    fallback = f"{eng.name} cannot take the second derivative of {err.op} ({err.reason})"
-                else:
-                    fallback = f"{eng.name} cannot record this loss ({err})"
-                fallback += "; used the generic engine"
-                per_tangent = eng.per_tangent_bytes(check)
-                eng = get_engine("auto_generic", method, objective.primals[0].device.type)
-                chunk.size = max(1, chunk.size * per_tangent // eng.per_tangent_bytes(check))
-                log(fallback)
+            except CaptureError as err:
+                eng = to_generic(f"{eng.name} cannot record this loss ({err})")
+            except UnsupportedOpError as err:
+                if not auto:
+                    raise  # the user chose this engine: its error names the op and the fix
+                eng = to_generic(f"{eng.name} cannot take the second derivative of {err.op} ({err.reason})")
         if not isinstance(eng, TangentAdjointEngine):
             def layer(pos: int, p: torch.Tensor, idx: torch.Tensor, c: int = c) -> torch.Tensor:
                 if not idx.numel():  # a rank's share can be empty

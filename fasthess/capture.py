@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import fused_nodes
+from .errors import first_line
 
 __all__ = ["CaptureError", "Graph", "Node", "Ref", "capture"]
 
@@ -92,10 +93,17 @@ class Graph:
         return out
 
     def replay(self, params: Sequence[Tensor]) -> dict[int, Tensor]:
-        """Values of every recorded tensor for ``params`` (autograd records if enabled)."""
+        """Values of every recorded tensor for ``params`` (autograd records if enabled).
+
+        Raises:
+            CaptureError: an op as recorded fails on these inputs (names the op).
+        """
         values: dict[int, Tensor] = dict(zip(self.placeholders, params))
         for node in self.nodes:
-            out = node.call(values)
+            try:
+                out = node.call(values)
+            except Exception as err:  # noqa: BLE001 - e.g. a no-grad-only variant (_embedding_bag_forward_only)
+                raise CaptureError(f"{node.func} as recorded cannot be replayed with autograd ({first_line(err)})") from err
             flat, _ = tree_flatten(out)
             for i, t in zip(node.out_ids, flat):
                 if i is not None:

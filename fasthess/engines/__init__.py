@@ -28,18 +28,21 @@ def get_engine(name: str, method: str, device_type: str = "cpu") -> Engine:
     loop is the fastest generic engine (measured on the demo transformer, 3600
     sampled entries: double_backward 29 s, fwd_rev 66 s, fwd_fwd 86 s);
     batching tangents with vmap pays off where wide matrix products are cheap,
-    so on a GPU it is ``fwd_rev``.
+    so on a GPU it is ``fwd_rev`` (with the double-backward loop for a loss where its forward-mode
+    derivatives cannot be trusted, :mod:`.forward_mode_audit`).
 
     Raises:
         BackendUnavailableError: unknown engine, or one that cannot do ``method``.
     """
     if name == "auto" and method != "hutchinson":
         name = TangentAdjointEngine.name
+    fallback = None
     if name in ("auto", "auto_generic"):
         name = "double_backward" if device_type == "cpu" else "fwd_rev"
+        fallback = DoubleBackwardEngine()  # where fwd_rev's audit finds an op it cannot be trusted on
     if name not in ENGINES:
         raise BackendUnavailableError(f"unknown engine {name!r}; choose one of {sorted(ENGINES)} or 'auto'")
-    engine = ENGINES[name]()
+    engine = ENGINES[name](fallback=fallback)
     if method == "hutchinson" and not engine.supports_hvp:
         raise BackendUnavailableError(
             f"engine {name!r} computes only vᵀHv and cannot run method='hutchinson'; "

@@ -7,7 +7,11 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from ..capture import CaptureError
+from ..errors import UnsupportedOpError
 from ..objective import LossCheck
+from .forward_mode_audit import PATH_NAMES, untrusted_op
+from .generic_second_order import report
 
 ScalarFn = Callable[[Tensor], Tensor]
 MultiFn = Callable[..., Tensor]
@@ -25,6 +29,40 @@ class Engine:
     name: ClassVar[str] = "base"
     supports_hvp: ClassVar[bool] = True
     bytes_per_tangent: ClassVar[float] = 3.0
+    # the generic_second_order path this engine takes through every op, checked before it runs
+    # (None: torch's double backward, the reference)
+    audited_path: ClassVar[str | None] = None
+
+    def __init__(self, fallback: Engine | None = None) -> None:
+        self.fallback = fallback  # takes over where an audit fails (engine="auto"); None: the audit raises
+
+    def audited(self, f: Callable[[Sequence[Tensor]], Tensor], params: Sequence[Tensor]) -> Engine:
+        """This engine if its derivatives can be trusted on every op of ``f(params)``, else its fallback.
+
+        Raises:
+            UnsupportedOpError: without a fallback, an op on which torch's ``audited_path`` is wrong or
+                missing, or a loss that cannot be recorded to be checked; names the op and what to use.
+        """
+        if self.audited_path is None:
+            return self
+        how = PATH_NAMES[self.audited_path]
+        try:
+            bad = untrusted_op(f, params, self.audited_path)
+        except CaptureError as err:
+            bad = f"the loss cannot be recorded to check {how} op by op ({err})"
+            cause: Exception | None = err
+        else:
+            cause = None
+        if bad is None:
+            return self
+        if self.fallback is not None:
+            report(self.name, f"not trusted ({bad}); computed by {self.fallback.name}")
+            return self.fallback.audited(f, params)
+        raise UnsupportedOpError(
+            f"engine {self.name!r} ({how}) cannot be trusted on this loss: {bad}. Use engine='auto' or "
+            "'double_backward'.",
+            op=bad.split(":")[0] if cause is None else None, reason=bad,
+        ) from cause
 
     def per_tangent_bytes(self, check: LossCheck) -> int:
         """Memory of one batched tangent, from what one gradient evaluation saved."""

@@ -23,11 +23,16 @@ class ForwardOverForwardEngine(Engine):
 
     name = "fwd_fwd"
     supports_hvp = False
+    audited_path = "forward"
     # benchmarks/engine_memory.py, CPU: 5.3x (T=128) and 1.6x (T=32) one gradient's saved bytes per
     # tangent (the T x T attention tangents grow faster than the activations a gradient saves)
     bytes_per_tangent = 6.0
 
     def diagonal_entries(self, f: ScalarFn, p: Tensor, indices: Tensor, chunk_size: int) -> Tensor:
+        engine = self.audited(lambda ps: f(ps[0]), [p])
+        if engine is not self:
+            return engine.diagonal_entries(f, p, indices, chunk_size)
+
         def second(t: Tensor) -> Tensor:
             return jvp(lambda q: jvp(f, (q,), (t,))[1], (p,), (t,))[1]
 

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm,cross_entropy}_fused
 from ..capture import Node
-from .generic_second_order import PATHS, verdict
+from .generic_second_order import PATHS, assess_node, node_function, report
 
 aten = torch.ops.aten
 
@@ -111,25 +111,18 @@ def _outputs(node: Node, out: Any) -> list[Tensor | None]:
 
 
 def generic_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
-    """Any op: tangent and second-order term by the path of :mod:`.generic_second_order` checked for it."""
+    """Any op: tangent and second-order term by the path :mod:`.generic_second_order` trusts for it."""
     pos = [i for i, t in enumerate(tans) if t is not None]
     keep = [j for j, i in enumerate(node.out_ids) if i is not None]
     if not keep:  # no floating output (capture records none such; kept for rules that delegate here)
         return [None] * len(node.out_ids), None
-
-    def make_f(flat_args: Sequence[Any]) -> Callable[..., tuple[Tensor, ...]]:
-        def f(*ys: Tensor) -> tuple[Tensor, ...]:
-            flat = list(flat_args)
-            for p, y in zip(pos, ys):
-                flat[p] = y
-            outs, _ = tree_flatten(_unflatten_call(node, flat))
-            return tuple(outs[j] for j in keep)
-
-        return f
-
-    path = PATHS[verdict(node.func, primal, pos, make_f).path]
-    tangents, contribution = path(
-        make_f(primal), [primal[i] for i in pos], [_densify(tans[i]) for i in pos], [lams[j] for j in keep]
+    assessment = assess_node(node, primal, pos)
+    path = assessment.rule_path()
+    report(node.func, assessment.note(path))
+    tangents, contribution = PATHS[path](
+        # contiguous: forward AD copies a tangent into its primal's layout, which an expanded primal cannot take
+        node_function(node, primal, pos), [primal[i].contiguous() for i in pos], [_densify(tans[i]) for i in pos],
+        [lams[j] for j in keep],
     )
     out: list[Tensor | None] = [None] * len(node.out_ids)
     for j, t in zip(keep, tangents):
