@@ -179,7 +179,7 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is false")
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    if math.prod(input.shape[2:]) <= 1:
+    if math.prod(input.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
     return _channel_affine(_normalize(input, range(2, input.dim()), eps), weight, bias)
 
@@ -378,8 +378,10 @@ def _euclidean_dist(x1: Tensor, x2: Tensor) -> Tensor:
     """``cdist``'s matrix-product path for ``p = 2``: ``sqrt(max(|x1|² + |x2|² − 2 x1·x2, 0))``, as torch's."""
     x1_norm = x1.pow(2).sum(-1, keepdim=True)
     x2_norm = x2.pow(2).sum(-1, keepdim=True)
-    x1_ = torch.cat([x1.mul(-2), x1_norm, torch.ones_like(x1_norm)], -1)
-    x2_ = torch.cat([x2, torch.ones_like(x2_norm), x2_norm], -1)
+    x1_pad = torch.ones(x1_norm.shape, dtype=x1.dtype, device=x1.device)  # not recorded as a dependent op
+    x2_pad = torch.ones(x2_norm.shape, dtype=x2.dtype, device=x2.device)
+    x1_ = torch.cat([x1.mul(-2), x1_norm, x1_pad], -1)
+    x2_ = torch.cat([x2, x2_pad, x2_norm], -1)
     return _root_or_zero(x1_.matmul(x2_.mT), 2)
 
 
@@ -454,6 +456,11 @@ def embedding_bag(
     returns the bag of every index, the bag sizes and (max mode) the row of every maximum.
     """
     n, num_weights, dim = indices.numel(), weight.shape[0], weight.shape[1]
+    if per_sample_weights is not None and mode != 0:
+        raise RuntimeError("embedding_bag: per_sample_weights only supported with mode='sum'")
+    if padding_idx is not None and not -num_weights <= padding_idx < num_weights:
+        raise RuntimeError(f"padding_idx must be within the number of embeddings, -{num_weights} through "
+                           f"{num_weights - 1}, but got {padding_idx}")
     starts = (offsets[:-1] if include_last_offset else offsets).long()
     bags = starts.numel()
     if n and bags and int(starts[0]) != 0:

@@ -665,6 +665,11 @@ def test_embedding_bag_decomposition_matches_torch() -> None:
                    [tied], "max with ties")
     with pytest.raises(RuntimeError, match="offsets\\[0\\] has to be 0"):
         ours(ids, weight, torch.tensor([1, 4]))
+    with pytest.raises(RuntimeError, match="padding_idx must be within"):
+        ours(ids, weight, offsets, padding_idx=10)
+    with pytest.raises(RuntimeError, match="per_sample_weights only supported with mode='sum'"):
+        with fasthess.autodiff_safe():
+            torch.embedding_bag(weight, ids, offsets, False, 1, False, psw, False, None)
 
 
 def test_embedding_decomposition_keeps_values_and_torchs_gradient() -> None:
