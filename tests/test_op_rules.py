@@ -62,15 +62,15 @@ class Around(nn.Module):
         return self.b(self.op(self.a(x)))
 
 
-def _regression(model: nn.Module, layers: list[str], x: Tensor, name: str = "") -> Case:
-    model = model.to(D).eval()
-    y = torch.randn(x.shape[0], 3, dtype=D, generator=_gen(2))
+def _regression(model: nn.Module, layers: list[str], outputs: Callable[[], Tensor]) -> Case:
+    """A regression loss of the float64 ``model``'s ``outputs()``, with curvature of both signs."""
+    y = torch.randn(outputs().shape, dtype=D, generator=_gen(2))
 
     def loss() -> Tensor:
-        out = model(x)
-        return ((out - y) ** 2).mean() + 0.1 * (out**3).mean()  # curvature of both signs
+        out = outputs()
+        return ((out - y) ** 2).mean() + 0.1 * (out**3).mean()
 
-    return Case(name, model, loss, layers)
+    return Case("", model, loss, layers)
 
 
 def _around(op: Callable[[Tensor], Tensor], width: int = 6, after: int | None = None, rows: int = 5,
@@ -78,7 +78,8 @@ def _around(op: Callable[[Tensor], Tensor], width: int = 6, after: int | None = 
     def build() -> Case:
         torch.manual_seed(0)
         x = torch.randn(rows, 4, dtype=D, generator=_gen(1)) * 3  # pre-activations on both sides of ±3
-        return _regression(Around(op, width, after), ["a.weight", *extra], x)
+        model = Around(op, width, after).to(D).eval()
+        return _regression(model, ["a.weight", *extra], lambda: model(x))
 
     return build
 
@@ -160,19 +161,10 @@ def _bag(mode: str, ids: Tensor = IDS, offsets: Tensor | None = OFFSETS, weighte
          **kwargs: object) -> Callable[[], Case]:
     def build() -> Case:
         torch.manual_seed(0)
-        model = Bag(mode, weighted, **kwargs)
+        model = Bag(mode, weighted, **kwargs).to(D).eval()
         feats = torch.randn(ids.numel(), 2, dtype=D, generator=_gen(3))
         layers = ["bag.weight"] + (["w.weight"] if weighted else [])
-        case = _regression(model, layers, feats)
-        y = torch.randn(4 if offsets is not None else ids.shape[0], 3, dtype=D, generator=_gen(2))
-        if offsets is not None and kwargs.get("include_last_offset"):
-            y = y[:3]
-
-        def loss() -> Tensor:
-            out = model(ids, offsets, feats)
-            return ((out - y) ** 2).mean() + 0.1 * (out**3).mean()
-
-        return Case(case.name, case.model, loss, layers)
+        return _regression(model, layers, lambda: model(ids, offsets, feats))
 
     return build
 
@@ -446,7 +438,7 @@ ACTIVATION_CASES: dict[str, tuple[Callable[[Tensor], Tensor], list[float], tuple
     "logit_eps": (lambda x: torch.logit(x, eps=0.2), [0.2, 0.8], (0.45, 0.5)),
     "hardtanh": (lambda x: F.hardtanh(x, -0.5, 1.0), [-0.5, 1.0], (2.0, 0.0)),
     "relu6": (F.relu6, [0.0, 6.0], (5.0, 2.0)),
-    "hardsigmoid": (torch._C._nn.hardsigmoid, [-3.0, 3.0], (5.0, 0.0)),  # torch's op, as a model bound early
+    "hardsigmoid": (torch.ops.aten.hardsigmoid, [-3.0, 3.0], (5.0, 0.0)),  # torch's op (F.hardsigmoid is decomposed)
     "hardswish": (F.hardswish, [-3.0, 3.0], (5.0, 0.0)),
     "softplus": (lambda x: F.softplus(x, beta=2.0, threshold=1.0), [0.5], (2.0, 0.0)),
     "elu": (lambda x: F.elu(x, 0.7), [0.0], (2.0, 0.0)),
@@ -537,6 +529,14 @@ def test_where_rule_matches_central_differences() -> None:
     _check_rule_by_differences(lambda b: torch.where(cond, a, b), [b], "b (broadcast)")
 
 
+def test_index_add_rule_matches_central_differences() -> None:
+    """``index_add`` (the sums of the EmbeddingBag decomposition): linear in both tensors, repeated indices."""
+    index = torch.tensor([0, 2, 2, 1, 0])
+    base, source = torch.randn(3, 4, dtype=D, generator=_gen(32)), torch.randn(5, 4, dtype=D, generator=_gen(33))
+    _check_rule_by_differences(lambda s, x: s.index_add(0, index, x), [base, source], "both")
+    _check_rule_by_differences(lambda x: base.index_add(0, index, x, alpha=0.5), [source], "source")
+
+
 # ----------------------------------------------------------------------------- decompositions against torch
 
 
@@ -602,7 +602,8 @@ def test_distance_decompositions_match_torch(p: float) -> None:
     b[0, 0] = a[0, 0]  # a coincident pair
     b[1, 1, :2] = a[1, 2, :2]  # zero differences in two coordinates
     b[1, 2] = a[1, 3] + torch.tensor([0.5, -0.5, 0.25, 0.5], dtype=D)  # a tie of |differences|
-    for mode in decompositions._CDIST_MODES if p == 2 else ["use_mm_for_euclid_dist_if_necessary"]:
+    modes = ["use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"]
+    for mode in modes if p == 2 else modes[:1]:
         _same_gradient(lambda a, b: decompositions.cdist(a, b, p, mode), lambda a, b: torch.cdist(a, b, p, mode),
                        [a, b], f"cdist p={p} {mode}")
     _same_gradient(lambda a: decompositions.cdist(a, a, p), lambda a: torch.cdist(a, a, p), [a], f"cdist(a, a) p={p}")
@@ -712,3 +713,24 @@ def test_scale_grad_by_freq_is_refused_by_name_on_the_fast_engine() -> None:
     assert info.value.op == "aten.embedding.default"
     res = fasthess.diag(case.model, case.loss, case.layers, method="exact")
     assert "aten.embedding.default" in res.meta["engine_fallback"]
+
+
+def _bag_scaled_by_frequency() -> Case:
+    return _bag("sum", scale_grad_by_freq=True)()
+
+
+@pytest.mark.parametrize("engine", ["double_backward", "fwd_rev", "fwd_fwd"])
+def test_embedding_bag_scaled_by_frequency_raises_on_generic_engines(engine: str) -> None:
+    """``scale_grad_by_freq`` keeps torch's ``embedding_bag`` (see ``decompositions``): no second derivative anywhere."""
+    case = _bag_scaled_by_frequency()
+    with pytest.raises(fasthess.UnsupportedOpError, match="_embedding_bag"):
+        fasthess.diag(case.model, case.loss, case.layers, method="exact", engine=engine)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "capture records torch's embedding_bag under no_grad as _embedding_bag_forward_only, whose replay with "
+    "autograd raises a bare 'Autograd not support dtype: Long' (fasthess/capture.py)"))
+def test_embedding_bag_scaled_by_frequency_raises_fasthess_error_on_the_fast_engine() -> None:
+    case = _bag_scaled_by_frequency()
+    with pytest.raises(fasthess.UnsupportedOpError):
+        fasthess.diag(case.model, case.loss, case.layers, method="exact")
