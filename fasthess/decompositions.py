@@ -529,20 +529,25 @@ class _Patcher:
 
     @staticmethod
     def _embedding() -> Any:
-        """``F.embedding``, with the lookups of ``padding_idx`` detached.
+        """``F.embedding`` with ``padding_idx``: a plain lookup whose padding lookups are detached.
 
-        Torch's backward gives the padding row zero gradient, so ``double_backward`` and
-        ``fwd_rev`` (and the tangent-adjoint engine's rule) differentiate the loss with the padding
-        lookups held constant; forward mode would differentiate the lookup itself. Detaching them
-        makes every engine compute that same, symmetric Hessian, also for weights tied elsewhere.
+        Torch's backward gives the padding row zero gradient, so ``double_backward`` differentiates the
+        loss with the padding lookups held constant, while forward mode differentiates the lookup
+        itself. A lookup without ``padding_idx`` (same values) followed by detaching the padding
+        lookups makes every engine compute that same, symmetric Hessian, also for weights tied
+        elsewhere (and leaves no ``padding_idx`` for an engine to distrust).
         """
         original = F.embedding
 
         def embedding(
             input: Tensor, weight: Tensor, padding_idx: int | None = None, *args: Any, **kwargs: Any
         ) -> Tensor:
-            out = original(input, weight, padding_idx, *args, **kwargs)
-            return out if padding_idx is None else _detached_at_padding(out, input, padding_idx % weight.shape[0])
+            if padding_idx is None:
+                return original(input, weight, None, *args, **kwargs)
+            if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+                raise AssertionError("Padding_idx must be within num_embeddings")  # torch's check and message
+            out = original(input, weight, None, *args, **kwargs)
+            return _detached_at_padding(out, input, padding_idx % weight.shape[0])
 
         return embedding
 

@@ -681,6 +681,12 @@ def test_embedding_decomposition_keeps_values_and_torchs_gradient() -> None:
                 return F.embedding(WORDS, w, p)
 
         _same_gradient(ours, lambda w, p=padding_idx: F.embedding(WORDS, w, p), [weight], f"padding_idx {padding_idx}")
+    with fasthess.autodiff_safe(), pytest.raises(AssertionError, match="Padding_idx must be within num_embeddings"):
+        F.embedding(WORDS, weight, padding_idx=7)
+    with fasthess.autodiff_safe():  # the lookup is recorded without padding_idx: nothing left for an engine to distrust
+        graph = capture(lambda ps: F.embedding(WORDS, ps[0], padding_idx=0).sum(), [weight])
+    (lookup,) = [n for n in graph.nodes if n.func is torch.ops.aten.embedding.default]
+    assert lookup.flat_args[2:3] in ([], [-1])
 
 
 def test_the_swaps_are_undone_and_trap_is_real() -> None:
