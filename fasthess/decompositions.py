@@ -474,10 +474,12 @@ def embedding_bag(
     rows = torch.embedding(weight, indices, -1, False, sparse)
     if mode == 2:
         if n == 0:
-            return weight.new_zeros(bags, dim), bag, sizes, indices.new_zeros(bags, dim)
+            empty_bags = torch.zeros(bags, dim, dtype=weight.dtype, device=weight.device)
+            return empty_bags, bag, sizes, indices.new_zeros(bags, dim)
         values = rows.detach().masked_fill(~keep[:, None], -math.inf)
         at = bag[:, None].expand(n, dim)
-        top = values.new_full((bags, dim), -math.inf).scatter_reduce(0, at, values, "amax")
+        top = torch.full((bags, dim), -math.inf, dtype=values.dtype, device=values.device)
+        top = top.scatter_reduce(0, at, values, "amax")
         position = torch.arange(n, device=indices.device)[:, None].expand(n, dim)
         candidate = torch.where((values == top[bag]) & keep[:, None], position, n)
         first = torch.full((bags, dim), n, device=indices.device).scatter_reduce(0, at, candidate, "amin")
@@ -486,7 +488,9 @@ def embedding_bag(
         return rows.gather(0, first).masked_fill(empty, 0), bag, sizes, indices[first].masked_fill(empty, 0)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(-1)
-    total = rows.new_zeros(bags, dim).index_add(0, bag, rows.masked_fill(~keep[:, None], 0))
+    # torch.zeros, not rows.new_zeros: a factory method of a recorded tensor is recorded as an op of the loss
+    total = torch.zeros(bags, dim, dtype=rows.dtype, device=rows.device)
+    total = total.index_add(0, bag, rows.masked_fill(~keep[:, None], 0))
     if mode == 1:
         total = total / sizes.clamp_min(1).to(total.dtype).unsqueeze(-1)
     return total, bag, sizes, indices.new_zeros(bags)

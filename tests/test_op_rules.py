@@ -36,9 +36,10 @@ from torch import Tensor, nn
 from zoo import Case, full_hessian
 
 import fasthess
-from fasthess import decompositions
+from fasthess import decompositions, fused_nodes
 from fasthess.capture import Node, Ref, capture
 from fasthess.engines.second_order_rules import RULES, OneHot, generic_rule
+from fasthess.objective import Objective
 
 D = torch.float64
 ENGINES = ["tangent_adjoint", "double_backward", "fwd_rev", "fwd_fwd", "auto"]
@@ -529,6 +530,25 @@ def test_where_rule_matches_central_differences() -> None:
     _check_rule_by_differences(lambda b: torch.where(cond, a, b), [b], "b (broadcast)")
 
 
+MOVEMENTS = {
+    "flip": lambda t: t.flip(1), "flip2": lambda t: t.flip(0, 1), "roll_dim": lambda t: t.roll(2, 1),
+    "roll_flat": lambda t: t.roll(1), "repeat": lambda t: t.repeat(2, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(MOVEMENTS))
+def test_data_movement_rules_take_one_hot_seeds(name: str) -> None:
+    """flip / roll move a one-hot seed (it stays one-hot), repeat copies it: the op applied to each direction."""
+    fn = MOVEMENTS[name]
+    x = torch.randn(3, 4, dtype=D, generator=_gen(34))
+    _, node, primal = _node_of(fn, [x])
+    seed = OneHot(x.shape, torch.tensor([0, 5, 11, -1]), D)
+    (out,), none = RULES[node.func](node, primal, [seed] + [None] * (len(primal) - 1), [None])
+    assert none is None and isinstance(out, OneHot) == (node.func is not torch.ops.aten.repeat.default)
+    got = out.dense() if isinstance(out, OneHot) else out
+    torch.testing.assert_close(got, torch.stack([fn(d) for d in seed.dense()]), rtol=0, atol=0)
+
+
 def test_index_add_rule_matches_central_differences() -> None:
     """``index_add`` (the sums of the EmbeddingBag decomposition): linear in both tensors, repeated indices."""
     index = torch.tensor([0, 2, 2, 1, 0])
@@ -727,7 +747,7 @@ def _bag_scaled_by_frequency() -> Case:
 
 @pytest.mark.parametrize("engine", ["double_backward", "fwd_rev", "fwd_fwd"])
 def test_embedding_bag_scaled_by_frequency_raises_on_generic_engines(engine: str) -> None:
-    """``scale_grad_by_freq`` keeps torch's ``embedding_bag`` (see ``decompositions``): no second derivative anywhere."""
+    """``scale_grad_by_freq`` keeps torch's ``embedding_bag`` (see ``decompositions``): no second derivative."""
     case = _bag_scaled_by_frequency()
     with pytest.raises(fasthess.UnsupportedOpError, match="_embedding_bag"):
         fasthess.diag(case.model, case.loss, case.layers, method="exact", engine=engine)
@@ -740,3 +760,27 @@ def test_embedding_bag_scaled_by_frequency_raises_fasthess_error_on_the_fast_eng
     case = _bag_scaled_by_frequency()
     with pytest.raises(fasthess.UnsupportedOpError):
         fasthess.diag(case.model, case.loss, case.layers, method="exact")
+
+
+def _ops_without_a_rule(case: Case) -> set[str]:
+    """Ops the fast engine would send to its generic rule: recorded as it records (decomposed, fused nodes), reached
+    by a tangent of a selected parameter (``detach`` stops tangents) and with a floating output."""
+    objective = Objective(case.model, [case.loss], fasthess.resolve_parameters(case.model, case.layers))
+    with fasthess.autodiff_safe():
+        graph = capture(lambda ps: objective(0, ps), objective.primals, fused=fused_nodes.enabled())
+    live, missing = set(graph.placeholders), set()
+    for node in graph.nodes:
+        if node.func is torch.ops.aten.detach.default or not live.intersection(node.refs()):
+            continue
+        outputs = [i for i in node.out_ids if i is not None]
+        if outputs and node.func not in RULES:
+            missing.add(str(node.func))
+        live.update(outputs)
+    return missing
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in FALLS_BACK])
+def test_the_fast_engine_has_a_rule_for_every_op(name: str) -> None:
+    """Fast: no op of these models takes the generic rule (nested forward AD per op and pass)."""
+    case, _ = _model(name)
+    assert _ops_without_a_rule(case) == set()

@@ -978,6 +978,10 @@ for _op in (
     RULES[_op] = pointwise_rule
 for _op in ACTIVATIONS:
     RULES[_op] = pointwise_rule
+# linear data movement: permutations (one-hot seeds move through them) and copies
+_MOVES |= {aten.flip.default, aten.roll.default}
+for _op in (aten.flip.default, aten.roll.default, aten.repeat.default):
+    RULES[_op] = unary_linear_rule
 RULES[aten.native_batch_norm.default] = native_batch_norm_rule
 RULES[aten.embedding.default] = embedding_rule
 RULES[aten.where.self] = where_rule
