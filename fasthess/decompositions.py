@@ -14,6 +14,17 @@ in ways that range from an error to a silently wrong number:
 * ``F.huber_loss`` / ``F.soft_margin_loss``: the fused backward has no forward-AD rule.
 * ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path: a fused
   kernel with no forward-AD rule.
+* ``F.instance_norm`` (batch statistics): nested forward AD through ``native_batch_norm``
+  is silently wrong, as for batch norm.
+* ``F.glu``, ``F.hardsigmoid``: no forward AD of the backward (``hardsigmoid``: no double
+  backward either).
+* ``torch.cdist``, ``F.pdist`` / ``torch.pdist``: no double backward, no forward AD of the
+  backward.
+* ``torch.embedding_bag`` (``nn.EmbeddingBag``, ``F.embedding_bag``): no double backward and no
+  forward AD; without grad it runs as ``_embedding_bag_forward_only``, which cannot be replayed.
+* ``F.embedding`` with ``padding_idx``: torch's backward gives the padding row zero gradient,
+  which is not the derivative of the lookup, so forward-mode AD disagrees with it
+  (:func:`embedding` makes every engine follow the backward's convention).
 
 :func:`autodiff_safe` swaps these for plain-op decompositions, whose derivative
 rules of every order are right, for the duration of a ``with`` block. The swap is
@@ -26,6 +37,10 @@ While the tangent-adjoint engine records a loss (:mod:`fasthess.fused_nodes`), l
 over the last dim, the attention cases the 2-jet kernels take and plain ``F.cross_entropy``
 (otherwise passed through unchanged) become single custom ops instead, so that engine can
 run the fused kernels on them.
+
+Functions outside ``torch.nn.functional`` (``torch.cdist``, ``torch.pdist``,
+``torch.embedding_bag``) are swapped on the ``torch`` module, where ``F.embedding_bag`` and user
+code look them up.
 
 The same hook refuses functional dropout that is active (``training=True``,
 ``p > 0``), since it would make the loss a random function.
@@ -46,7 +61,10 @@ from torch import Tensor
 from .errors import TrainingModeError
 from .fused_nodes import try_attention, try_cross_entropy, try_layer_norm
 
-__all__ = ["autodiff_safe", "layer_norm", "scaled_dot_product_attention"]
+__all__ = [
+    "autodiff_safe", "cdist", "embedding_bag", "glu", "hardsigmoid", "instance_norm", "layer_norm", "pdist",
+    "scaled_dot_product_attention",
+]
 
 
 def _normalize(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
@@ -139,6 +157,31 @@ def group_norm(
     """Decomposed ``F.group_norm``."""
     grouped = input.reshape(input.shape[0], num_groups, -1)
     return _channel_affine(_normalize(grouped, [2], eps).reshape(input.shape), weight, bias)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Decomposed ``F.instance_norm``: each (sample, channel) normalised over its spatial dims.
+
+    ``y = (x − mean) / sqrt(var + eps) · weight + bias`` (biased variance). With
+    ``use_input_stats=False`` the running statistics normalise, as batch norm in eval mode.
+    Like :func:`batch_norm` it never updates the running statistics.
+    """
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is false")
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if math.prod(input.shape[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    return _channel_affine(_normalize(input, range(2, input.dim()), eps), weight, bias)
 
 
 def scaled_dot_product_attention(
@@ -273,14 +316,194 @@ def binary_cross_entropy_with_logits(
     return _reduced(loss * weight if weight is not None else loss, reduction)
 
 
+def glu(input: Tensor, dim: int = -1) -> Tensor:
+    """Decomposed ``F.glu``: ``a ⊙ σ(b)`` with ``a, b`` the two halves of ``input`` along ``dim``."""
+    if input.dim() == 0:
+        raise RuntimeError("glu does not support scalars because halving size must be even")
+    size = input.shape[dim]
+    if size % 2:
+        raise RuntimeError(f"Halving dimension must be even, but dimension {dim % input.dim()} is size {size}")
+    a, b = input.split(size // 2, dim)
+    return a * torch.sigmoid(b)
+
+
+def hardsigmoid(input: Tensor, inplace: bool = False) -> Tensor:
+    """Decomposed ``F.hardsigmoid``: ``hardtanh(x + 3, 0, 6) / 6``.
+
+    The same values as torch's (``min(max(x + 3, 0), 6) / 6``) and the same derivative ``1/6`` on
+    ``(−3, 3)``, ``0`` elsewhere, the kinks included (torch's backward rounds ``1/6`` to float32).
+    """
+    out = F.hardtanh(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
+
+
+def _root_or_zero(s: Tensor, p: float) -> Tensor:
+    """``s^(1/p)`` where ``s > 0`` and ``0`` where ``s <= 0``, with every derivative 0 there.
+
+    Torch's distance backward gives a zero gradient at distance 0 (where ``s^(1/p)`` has none);
+    masking the argument as well keeps the masked branch's derivatives finite.
+    """
+    positive = s > 0
+    safe = s.masked_fill(~positive, 1)
+    root = safe.sqrt() if p == 2 else safe.pow(1.0 / p)
+    return root.masked_fill(~positive, 0)
+
+
+def _p_norm(diff: Tensor, p: float) -> Tensor:
+    """``‖diff‖_p`` over the last dim, as ``cdist`` / ``pdist`` compute it, with their backward's conventions.
+
+    With ``u = diff``, ``d = (Σ|u_m|^p)^(1/p)``: torch's backward is ``sign(u)|u|^(p−1) / d^(p−1)``,
+    and 0 where ``d = 0`` or (``p < 1``) ``u = 0``; ``p = 1``: ``sign(u)``; ``p = ∞``
+    (``d = max|u_m|``): ``sign(u_m)`` for every ``m`` that attains the maximum; ``p = 0`` (the count
+    of nonzeros): 0. The second derivative is that of the formula (0 for ``p ∈ {0, 1, ∞}``).
+    """
+    if p == 0:
+        return (diff != 0).to(diff.dtype).sum(-1)
+    a = diff.abs()
+    if p == 1:
+        return a.sum(-1)
+    if math.isinf(p):
+        top = a.detach().amax(-1, keepdim=True)
+        # the value of max|u|; the derivative of Σ over the maximising m of |u_m|, as torch's backward
+        through = (a - a.detach()).masked_fill(a.detach() != top, 0).sum(-1)
+        return top.squeeze(-1) + through
+    if p == 2:
+        return _root_or_zero((diff * diff).sum(-1), 2)
+    positive = a > 0
+    powered = a.masked_fill(~positive, 1).pow(p).masked_fill(~positive, 0)
+    return _root_or_zero(powered.sum(-1), p)
+
+
+def _euclidean_dist(x1: Tensor, x2: Tensor) -> Tensor:
+    """``cdist``'s matrix-product path for ``p = 2``: ``sqrt(max(|x1|² + |x2|² − 2 x1·x2, 0))``, as torch's."""
+    x1_norm = x1.pow(2).sum(-1, keepdim=True)
+    x2_norm = x2.pow(2).sum(-1, keepdim=True)
+    x1_pad = torch.ones(x1_norm.shape, dtype=x1.dtype, device=x1.device)  # not recorded as a dependent op
+    x2_pad = torch.ones(x2_norm.shape, dtype=x2.dtype, device=x2.device)
+    x1_ = torch.cat([x1.mul(-2), x1_norm, x1_pad], -1)
+    x2_ = torch.cat([x2, x2_pad, x2_norm], -1)
+    return _root_or_zero(x1_.matmul(x2_.mT), 2)
+
+
+_CDIST_MODES = {
+    "use_mm_for_euclid_dist_if_necessary": 0, "use_mm_for_euclid_dist": 1, "donot_use_mm_for_euclid_dist": 2,
+}
+
+
+def _check_distance_input(x: Tensor, p: float, name: str) -> None:
+    if p < 0:
+        raise RuntimeError(f"{name} only supports non-negative p values")
+    if not x.is_floating_point():
+        raise RuntimeError(f"{name} only supports floating-point dtypes, X1 got: {str(x.dtype).split('.')[-1].title()}")
+
+
+def cdist(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: str = "use_mm_for_euclid_dist_if_necessary") -> Tensor:
+    """Decomposed ``torch.cdist``: ``(..., P, M)`` and ``(..., R, M)`` to ``(..., P, R)`` p-norm distances.
+
+    Takes torch's path: for ``p = 2`` with ``compute_mode="use_mm_for_euclid_dist"``, or the
+    default mode and more than 25 rows in either input, the matrix-product form
+    (:func:`_euclidean_dist`); otherwise the norm of the differences (:func:`_p_norm`, whose
+    derivatives follow torch's backward where the norm has a kink).
+    """
+    if compute_mode not in _CDIST_MODES:
+        raise ValueError(f"{compute_mode} is not a valid value for compute_mode")
+    _check_distance_input(x1, p, "cdist")
+    if x1.dim() < 2 or x2.dim() < 2:
+        which, dims = (1, x1.dim()) if x1.dim() < 2 else (2, x2.dim())
+        raise RuntimeError(f"cdist only supports at least 2D tensors, X{which} got: {dims}D")
+    if x1.shape[-1] != x2.shape[-1]:
+        raise RuntimeError(f"X1 and X2 must have the same number of columns. X1: {x1.shape[-1]} X2: {x2.shape[-1]}")
+    mode = _CDIST_MODES[compute_mode]
+    if p == 2 and (mode == 1 or (mode == 0 and max(x1.shape[-2], x2.shape[-2]) > 25)):
+        return _euclidean_dist(x1, x2)
+    return _p_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
+
+
+def pdist(input: Tensor, p: float = 2.0) -> Tensor:
+    """Decomposed ``F.pdist``: the ``N(N−1)/2`` p-norm distances of rows ``i < j`` of an ``(N, M)`` input, row-major."""
+    if input.dim() != 2:
+        raise RuntimeError(f"pdist only supports 2D tensors, got: {input.dim()}D")
+    _check_distance_input(input, p, "pdist")
+    i, j = torch.triu_indices(input.shape[0], input.shape[0], 1, device=input.device)
+    return _p_norm(input[i] - input[j], p)
+
+
+def _detached_at_padding(out: Tensor, input: Tensor, padding_idx: int) -> Tensor:
+    """``out`` with the lookups of ``padding_idx`` detached: same values, no derivative of any order there."""
+    return torch.where((input == padding_idx).unsqueeze(-1), out.detach(), out)
+
+
+def embedding_bag(
+    weight: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    scale_grad_by_freq: bool = False,
+    mode: int = 0,
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decomposed ``torch.embedding_bag`` (``F.embedding_bag`` calls it with 1-D indices and offsets).
+
+    Index ``e`` belongs to bag ``b`` with ``offsets[b] <= e`` (the last bag runs to the end; with
+    ``include_last_offset`` the last offset only closes the count of bags); indices equal to
+    ``padding_idx`` are left out. Mode 0 (sum): ``Σ_e w_e W[i_e]`` (``w``: ``per_sample_weights``
+    or 1); 1 (mean): the sum over the bag's size; 2 (max): per feature the first row that attains
+    the bag's maximum (torch's choice at ties). An empty bag gives zeros. Built from a lookup, a
+    masked ``index_add`` and a ``gather``: the same values, and derivatives of every order in
+    every mode (torch's own has neither forward AD nor a double backward). Besides the output it
+    returns the bag of every index, the bag sizes and (max mode) the row of every maximum.
+    """
+    n, num_weights, dim = indices.numel(), weight.shape[0], weight.shape[1]
+    if per_sample_weights is not None and mode != 0:
+        raise RuntimeError("embedding_bag: per_sample_weights only supported with mode='sum'")
+    if padding_idx is not None and not -num_weights <= padding_idx < num_weights:
+        raise RuntimeError(f"padding_idx must be within the number of embeddings, -{num_weights} through "
+                           f"{num_weights - 1}, but got {padding_idx}")
+    starts = (offsets[:-1] if include_last_offset else offsets).long()
+    bags = starts.numel()
+    if n and bags and int(starts[0]) != 0:
+        raise RuntimeError(
+            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to start from position 0. "
+            f"However, got {int(starts[0])}"
+        )
+    bag = torch.bucketize(torch.arange(n, device=indices.device), starts, right=True) - 1
+    keep = torch.ones_like(indices, dtype=torch.bool) if padding_idx is None else indices != padding_idx % num_weights
+    sizes = torch.zeros(bags, dtype=torch.long, device=indices.device).index_add_(0, bag, keep.long())
+    rows = torch.embedding(weight, indices, -1, False, sparse)
+    if mode == 2:
+        if n == 0:
+            empty_bags = torch.zeros(bags, dim, dtype=weight.dtype, device=weight.device)
+            return empty_bags, bag, sizes, indices.new_zeros(bags, dim)
+        values = rows.detach().masked_fill(~keep[:, None], -math.inf)
+        at = bag[:, None].expand(n, dim)
+        top = torch.full((bags, dim), -math.inf, dtype=values.dtype, device=values.device)
+        top = top.scatter_reduce(0, at, values, "amax")
+        position = torch.arange(n, device=indices.device)[:, None].expand(n, dim)
+        candidate = torch.where((values == top[bag]) & keep[:, None], position, n)
+        first = torch.full((bags, dim), n, device=indices.device).scatter_reduce(0, at, candidate, "amin")
+        empty = first == n
+        first = first.masked_fill(empty, 0)
+        return rows.gather(0, first).masked_fill(empty, 0), bag, sizes, indices[first].masked_fill(empty, 0)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    # torch.zeros, not rows.new_zeros: a factory method of a recorded tensor is recorded as an op of the loss
+    total = torch.zeros(bags, dim, dtype=rows.dtype, device=rows.device)
+    total = total.index_add(0, bag, rows.masked_fill(~keep[:, None], 0))
+    if mode == 1:
+        total = total / sizes.clamp_min(1).to(total.dtype).unsqueeze(-1)
+    return total, bag, sizes, indices.new_zeros(bags)
+
+
 class _Patcher:
-    """Reference-counted, thread-safe swap of ``torch.nn.functional`` attributes."""
+    """Reference-counted, thread-safe swap of ``torch.nn.functional`` (and a few ``torch``) attributes."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._depth = 0
         self._allow_dropout = 0
-        self._saved: dict[str, Any] = {}
+        self._saved: dict[tuple[Any, str], Any] = {}
         self._saved_fastpath = True
 
     def _dropout_guard(self, name: str) -> Any:
@@ -308,32 +531,81 @@ class _Patcher:
 
         return cross_entropy
 
-    def replacements(self) -> dict[str, Any]:
-        return {
+    @staticmethod
+    def _embedding() -> Any:
+        """``F.embedding`` with ``padding_idx``: a plain lookup whose padding lookups are detached.
+
+        Torch's backward gives the padding row zero gradient, so ``double_backward`` differentiates the
+        loss with the padding lookups held constant, while forward mode differentiates the lookup
+        itself. A lookup without ``padding_idx`` (same values) followed by detaching the padding
+        lookups makes every engine compute that same, symmetric Hessian, also for weights tied
+        elsewhere (and leaves no ``padding_idx`` for an engine to distrust).
+        """
+        original = F.embedding
+
+        def embedding(
+            input: Tensor, weight: Tensor, padding_idx: int | None = None, *args: Any, **kwargs: Any
+        ) -> Tensor:
+            if padding_idx is None:
+                return original(input, weight, None, *args, **kwargs)
+            if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+                raise AssertionError("Padding_idx must be within num_embeddings")  # torch's check and message
+            out = original(input, weight, None, *args, **kwargs)
+            return _detached_at_padding(out, input, padding_idx % weight.shape[0])
+
+        return embedding
+
+    @staticmethod
+    def _embedding_bag() -> Any:
+        """:func:`embedding_bag`, except with ``scale_grad_by_freq``, which keeps torch's op.
+
+        Torch 2.13's backward then scales rows by factors that are not their counts (tested: the rows of
+        ``[1, 2, 2, 3, 1, 1]`` all get 1/3), a first-order convention the decomposition does not copy; with
+        torch's op no engine has a second derivative, so each one fails loudly instead.
+        """
+        original = torch.embedding_bag
+
+        def bag(weight: Tensor, indices: Tensor, offsets: Tensor, scale_grad_by_freq: bool = False, *args: Any,
+                **kwargs: Any) -> Any:
+            if scale_grad_by_freq:
+                return original(weight, indices, offsets, scale_grad_by_freq, *args, **kwargs)
+            return embedding_bag(weight, indices, offsets, False, *args, **kwargs)
+
+        return bag
+
+    def replacements(self) -> dict[tuple[Any, str], Any]:
+        functional = {
             "layer_norm": layer_norm,
             "rms_norm": rms_norm,
             "batch_norm": batch_norm,
             "group_norm": group_norm,
+            "instance_norm": instance_norm,
             "scaled_dot_product_attention": scaled_dot_product_attention,
             "mse_loss": mse_loss,
             "huber_loss": huber_loss,
             "soft_margin_loss": soft_margin_loss,
             "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
             "cross_entropy": self._cross_entropy(),
+            "glu": glu,
+            "hardsigmoid": hardsigmoid,
+            "pdist": pdist,
+            "embedding": self._embedding(),
             "dropout": self._dropout_guard("dropout"),
             "dropout1d": self._dropout_guard("dropout1d"),
             "dropout2d": self._dropout_guard("dropout2d"),
             "dropout3d": self._dropout_guard("dropout3d"),
         }
+        on_torch = {"cdist": cdist, "pdist": pdist, "embedding_bag": self._embedding_bag()}
+        return {**{(F, k): v for k, v in functional.items()}, **{(torch, k): v for k, v in on_torch.items()}}
 
     @contextlib.contextmanager
     def __call__(self, allow_dropout: bool = False) -> Iterator[None]:
         with self._lock:
             if self._depth == 0:
                 new = self.replacements()
-                self._saved = {name: getattr(F, name) for name in new}
-                for name, fn in new.items():
-                    setattr(F, name, fn)
+                self._saved = {where: getattr(*where) for where in new}
+                for (module, name), fn in new.items():
+                    setattr(module, name, fn)
                 self._saved_fastpath = torch.backends.mha.get_fastpath_enabled()
                 torch.backends.mha.set_fastpath_enabled(False)
             self._depth += 1
@@ -345,8 +617,8 @@ class _Patcher:
                 self._allow_dropout -= int(allow_dropout)
                 self._depth -= 1
                 if self._depth == 0:
-                    for name, fn in self._saved.items():
-                        setattr(F, name, fn)
+                    for (module, name), fn in self._saved.items():
+                        setattr(module, name, fn)
                     torch.backends.mha.set_fastpath_enabled(self._saved_fastpath)
 
 

@@ -131,3 +131,14 @@ CROSS_ENTROPY_JET2_VS_REFERENCE = {
     torch.float32: (1e-4, 1e-5),
     torch.bfloat16: (3e-2, 3e-2),
 }
+
+# Hand-written op rules (tests/test_op_rules.py) against float64 central differences of their op on random
+# inputs (step 1e-3: truncation ~1e-6): (rtol, atol_rel) as in ENGINE_VS_DENSE. Also the dense reference against
+# central differences (step 1e-4) of torch's gradient where torch has no double backward.
+RULE_FINITE_DIFFERENCE = (1e-4, 1e-5)
+# Decompositions (fasthess.decompositions) against torch's function, float64: values and first derivatives
+# differ only in the order of sums. (rtol, atol)
+DECOMPOSITION_VS_TORCH = (1e-12, 1e-12)
+# Activation rules' f' and f'' at their kinks against torch's backward and double backward: rtol (torch's
+# backward rounds 1/6 in hardsigmoid and 1/alpha in celu to float32; any other difference is O(1)).
+ACTIVATION_KINKS_VS_TORCH = 1e-7

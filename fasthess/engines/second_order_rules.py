@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import fused_nodes  # noqa: F401 - defines torch.ops.fasthess.{attention,layer_norm,cross_entropy}_fused
 from ..capture import Node
+from ..errors import UnsupportedOpError
 from .generic_second_order import PATHS, assess_node, node_function, report
 
 aten = torch.ops.aten
@@ -496,7 +498,7 @@ def _pointwise(node: Node, primal: list[Any]) -> tuple[Tensor, Tensor]:
     if f is aten.pow.Tensor_Scalar:
         e = primal[1]
         return e * x ** (e - 1), e * (e - 1) * x ** (e - 2) if e != 1 else torch.zeros_like(x)
-    raise KeyError(f)
+    return ACTIVATIONS[f](x, lambda name, default: node_kwarg(node, primal, name, default))
 
 
 def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
@@ -510,6 +512,302 @@ def pointwise_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: lis
     w2 = node.cache["w2"]
     contribution = _k_sum(t * t * w2) if w2 is not None else None
     return [node.cache["d1"] * t], contribution
+
+
+# ----------------------------------------------------------------------------- activations
+#
+# (f'(x), f''(x)) of unary pointwise ops with Python-number parameters, read by name from the
+# op's schema (``arg(name, default)``). At a kink each takes the values of torch's backward and
+# double backward, so the tangent-adjoint engine agrees with the generic engines everywhere:
+# tests/test_op_rules.py checks every entry at its kinks against torch and elsewhere against
+# central differences.
+
+Arg = Callable[[str, Any], Any]
+
+
+def _zero(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _between(x: Tensor, low: float, high: float) -> Tensor:
+    """1 on the open interval (low, high), else 0."""
+    return ((x > low) & (x < high)).to(x.dtype)
+
+
+def _mish(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``x tanh(sp(x))``, ``sp = log(1 + eˣ)``: with ``s = σ(x)``, ``t = tanh(sp(x))``, ``tanh(sp)' = (1 − t²)s``:
+    ``f' = t + x s (1 − t²)``, ``f'' = s (1 − t²) (2 + x (1 − s) − 2 x s t)``."""
+    s, t = torch.sigmoid(x), torch.tanh(F.softplus(x))
+    sech2 = 1 - t * t
+    return t + x * s * sech2, s * sech2 * (2 + x * (1 - s) - 2 * x * s * t)
+
+
+def _logit(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``log(x / (1 − x))`` of ``x`` clamped to ``[eps, 1 − eps]``: ``f' = 1 / (x(1 − x))``,
+    ``f'' = (2x − 1) / (x(1 − x))²`` inside the closed interval, 0 outside (torch's backward)."""
+    eps = arg("eps", None)
+    q = 1 / (x * (1 - x))
+    d1, d2 = q, (2 * x - 1) * q * q
+    if eps is None:
+        return d1, d2
+    inside = ((x >= eps) & (x <= 1 - eps)).to(x.dtype)
+    return d1 * inside, d2 * inside
+
+
+def _hardtanh(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``clamp(x, min_val, max_val)`` (``relu6`` too): ``f' = 1`` on the open interval, 0 at and beyond its ends."""
+    return _between(x, arg("min_val", -1.0), arg("max_val", 1.0)), _zero(x)
+
+
+def _hardsigmoid(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``hardtanh(x + 3, 0, 6) / 6``: ``f' = 1/6`` on ``(−3, 3)``."""
+    return _between(x, -3.0, 3.0) / 6, _zero(x)
+
+
+def _hardswish(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``x · hardsigmoid(x)``: ``f' = 0`` for ``x <= −3``, ``x/3 + 1/2`` on ``(−3, 3)``, 1 for ``x >= 3``;
+    ``f'' = 1/3`` on ``(−3, 3)``."""
+    d1 = torch.where(x <= -3, 0.0, torch.where(x >= 3, 1.0, x / 3 + 0.5))
+    return d1, _between(x, -3.0, 3.0) / 3
+
+
+def _softplus(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``log(1 + e^{βx}) / β``, and ``x`` where ``βx > threshold``: with ``s = σ(βx)``, ``f' = s`` (1 beyond the
+    threshold), ``f'' = β s (1 − s)`` where ``βx < threshold`` (torch: 0 at the threshold itself)."""
+    beta, threshold = arg("beta", 1.0), arg("threshold", 20.0)
+    z = x * beta
+    s = torch.sigmoid(z)
+    return torch.where(z > threshold, 1.0, s), torch.where(z < threshold, beta * s * (1 - s), 0.0)
+
+
+def _elu_derivatives(x: Tensor, alpha: float, scale: float, input_scale: float) -> tuple[Tensor, Tensor]:
+    """``scale · x`` for ``x > 0``, ``scale · α (e^{i x} − 1)`` for ``x <= 0`` (``i``: input_scale):
+    ``f' = scale · α i e^{i x}`` for ``x <= 0``, ``scale`` above; ``f'' = scale · α i² e^{i x}`` for ``x < 0``
+    (torch's double backward: 0 at ``x = 0``)."""
+    e = scale * alpha * input_scale * torch.exp(x * input_scale)
+    return torch.where(x <= 0, e, scale), torch.where(x < 0, e * input_scale, 0.0)
+
+
+def _elu(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``elu`` (``selu`` is ``elu`` with torch's fixed ``alpha`` and ``scale``): see :func:`_elu_derivatives`."""
+    return _elu_derivatives(x, arg("alpha", 1.0), arg("scale", 1.0), arg("input_scale", 1.0))
+
+
+def _celu(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``celu(x, α) = elu(x, α, scale 1, input_scale 1/α)``. (Torch's backward rounds ``α`` to float32
+    in ``1/α``, a relative error of ~1e-8; this is the derivative of the forward.)"""
+    alpha = arg("alpha", 1.0)
+    return _elu_derivatives(x, alpha, 1.0, 1.0 / alpha)
+
+
+def _leaky_relu(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``x`` for ``x > 0``, ``slope · x`` else: ``f' = 1`` for ``x > 0``, the slope at and below 0."""
+    return torch.where(x > 0, x.new_ones(()), arg("negative_slope", 0.01)), _zero(x)
+
+
+def _log_sigmoid(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``log σ(x)`` (``log_sigmoid_forward``'s first output): ``f' = σ(−x)``, ``f'' = −σ(x) σ(−x)``."""
+    s = torch.sigmoid(-x)
+    return s, -s * (1 - s)
+
+
+def _abs(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``|x|``: ``f' = sign(x)`` (0 at 0)."""
+    return torch.sign(x), _zero(x)
+
+
+def _shrink(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``softshrink`` / ``hardshrink``: ``f' = 1`` for ``|x| > λ``, 0 on ``[−λ, λ]``."""
+    return (x.abs() > arg("lambd", 0.5)).to(x.dtype), _zero(x)
+
+
+def _threshold(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``x`` for ``x > threshold``, else ``value``: ``f' = 1`` above the threshold, 0 at and below it."""
+    return (x > arg("threshold", 0.0)).to(x.dtype), _zero(x)
+
+
+def _clamp(x: Tensor, arg: Arg) -> tuple[Tensor, Tensor]:
+    """``clamp`` / ``clamp_min`` / ``clamp_max`` with number bounds: ``f' = 1`` on the closed interval (torch's
+    backward passes the gradient at the bounds), 0 outside."""
+    low, high = arg("min", None), arg("max", None)
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if low is not None:
+        inside &= x >= low
+    if high is not None:
+        inside &= x <= high
+    return inside.to(x.dtype), _zero(x)
+
+
+ACTIVATIONS: dict[Any, Callable[[Tensor, Arg], tuple[Tensor, Tensor]]] = {
+    aten.mish.default: _mish,
+    aten.logit.default: _logit,
+    aten.hardtanh.default: _hardtanh,
+    aten.hardsigmoid.default: _hardsigmoid,
+    aten.hardswish.default: _hardswish,
+    aten.softplus.default: _softplus,
+    aten.elu.default: _elu,
+    aten.celu.default: _celu,
+    aten.leaky_relu.default: _leaky_relu,
+    aten.log_sigmoid_forward.default: _log_sigmoid,
+    aten.abs.default: _abs,
+    aten.softshrink.default: _shrink,
+    aten.hardshrink.default: _shrink,
+    aten.threshold.default: _threshold,
+    aten.clamp.default: _clamp,
+    aten.clamp_min.default: _clamp,
+    aten.clamp_max.default: _clamp,
+}
+# Piecewise linear: no second-order term, so the engine needs no adjoint for them.
+PIECEWISE_LINEAR = {
+    aten.relu.default, aten.hardtanh.default, aten.hardsigmoid.default, aten.leaky_relu.default, aten.abs.default,
+    aten.softshrink.default, aten.hardshrink.default, aten.threshold.default, aten.clamp.default,
+    aten.clamp_min.default, aten.clamp_max.default,
+}
+
+
+def _schema_args(node: Node, flat: Sequence[Any]) -> dict[str, Any]:
+    """The op's arguments by schema name, from ``flat`` (primal values or tangents) laid out as ``node.flat_args``."""
+    args, kwargs = tree_unflatten(list(flat), node.spec)
+    named = {a.name: v for a, v in zip(node.func._schema.arguments, args)}
+    named.update(kwargs)
+    return named
+
+
+# ----------------------------------------------------------------------------- batch norm with batch statistics
+
+
+def native_batch_norm_rule(
+    node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]
+) -> RuleResult:
+    """``native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)``, channels on dim 1.
+
+    Over the dims ``R`` other than the channel's (``mean``: the mean over ``R``), with batch
+    statistics (``training``): ``c = x − mean(x)``, ``v = mean(c²)``, ``r = (v + eps)^(−1/2)``,
+    ``x̂ = c r``, ``y = x̂ w + b``; outputs ``y``, ``mean(x)`` and ``r``. First order:
+
+        ċ = ẋ − mean(ẋ),  v̇ = 2 mean(c ċ),  ṙ = −½ r³ v̇,  x̂̇ = r ċ + c ṙ,  ẏ = x̂̇ w + x̂ ẇ + ḃ;
+
+    second order (``c̈ = 0``; ``w`` and ``b`` enter linearly):
+
+        v̈ = 2 mean(ċ²),  r̈ = ¾ r⁵ v̇² − ½ r³ v̈,  x̂̈ = 2 ċ ṙ + c r̈,  ÿ = x̂̈ w + 2 x̂̇ ẇ,
+
+    so ``⟨λ, ÿ⟩ = Σ_channels (r̈ Σ_R λwc + 2 ṙ Σ_R λwċ) + 2 ⟨λ, x̂̇ ẇ⟩`` (plus ``⟨λ_r, r̈⟩`` when the
+    saved ``r`` is used). With running statistics (``not training``) ``c = x − running_mean`` and
+    ``r = (running_var + eps)^(−1/2)`` are constants: ``ṙ = r̈ = 0``. Nested forward AD through the
+    fused kernel is wrong in torch 2.13 for batch statistics (``F.instance_norm`` reaches it).
+    """
+    a = _schema_args(node, primal)
+    t = _schema_args(node, [_densify(x) for x in tans])
+    if t["running_mean"] is not None or t["running_var"] is not None:
+        return generic_rule(node, primal, tans, lams)
+    x, w, training, eps = a["input"], a["weight"], a["training"], a["eps"]
+    tx, tw, tb = t["input"], t["weight"], t["bias"]
+    red = [0, *range(2, x.dim())]
+    channel = [1, -1] + [1] * (x.dim() - 2)
+    cache = node.cache
+    if "xh" not in cache:  # primal-only factors, shared by every chunk and layer
+        if training:
+            c = x - x.mean(red, keepdim=True)
+            r = torch.rsqrt((c * c).mean(red, keepdim=True) + eps)
+        else:
+            c, r = x - a["running_mean"].view(channel), torch.rsqrt(a["running_var"].view(channel) + eps)
+        lam = lams[0]
+        lw = lam * w.view(channel) if lam is not None and w is not None else lam
+        cache.update(c=c, r=r, xh=c * r, lw=lw, lwc=(lw * c).sum(red, keepdim=True) if lw is not None else None)
+    c, r, xh, lw = cache["c"], cache["r"], cache["xh"], cache["lw"]
+    k = next(v.shape[0] for v in (tx, tw, tb) if v is not None)
+    tw = tw.view(k, *channel) if tw is not None else None
+    rd = [d + 1 for d in red]
+    out = xh * tw if tw is not None else None
+    stats: list[Tensor | None] = [None, None]
+    contribution = None
+    if tx is not None:
+        ct, rt, rtt = tx, None, None
+        if training:
+            ct = tx - tx.mean(rd, keepdim=True)
+            vt = 2 * (c * ct).mean(rd, keepdim=True)
+            rt = -0.5 * r**3 * vt
+            rtt = 0.75 * r**5 * vt * vt - r**3 * (ct * ct).mean(rd, keepdim=True)  # v̈ = 2 mean(ċ²)
+            stats = [tx.mean(rd), rt.reshape(k, -1)]
+        xht = r * ct + c * rt if rt is not None else r * ct
+        term = xht * w.view(channel) if w is not None else xht
+        out = term if out is None else out + term
+        terms = []
+        if rt is not None and lw is not None:
+            terms += [_k_sum(rtt * cache["lwc"]), 2 * _k_sum(rt * (lw * ct).sum(rd, keepdim=True))]
+        if rtt is not None and len(lams) > 2 and lams[2] is not None:
+            terms.append(_k_sum(rtt.reshape(k, -1) * lams[2]))
+        if tw is not None and lams[0] is not None:
+            terms.append(2 * _k_sum(lams[0] * xht * tw))
+        contribution = sum(terms) if terms else None
+    if tb is not None:
+        tb = tb.view(k, *channel)
+        out = tb.expand(k, *x.shape) if out is None else out + tb
+    return [out, *stats][: len(node.out_ids)], contribution
+
+
+# ----------------------------------------------------------------------------- lookups and selections
+
+
+def embedding_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """``embedding(W, idx, padding_idx, scale_grad_by_freq, sparse)``: ``ẏ = Ẇ[idx]``, 0 where ``idx = padding_idx``.
+
+    Torch's backward gives the padding row zero gradient; zeroing the tangent of the padding
+    lookups differentiates the loss with them held constant, which is what ``double_backward``
+    computes (its second backward masks them too), also for a weight tied to an output head.
+    A one-hot seed on ``W[r, c]`` becomes ``[idx == r] e_c`` without materialising ``(K, *W.shape)``.
+
+    ``scale_grad_by_freq``: torch's backward divides row ``r``'s gradient by the count ``n_r`` of
+    ``r`` in ``idx``, which is not the derivative of the lookup; its "Hessian" ``d(grad)/dW`` has
+    diagonal ``A_ii / n_r + (1 + 1/n_r) C_ii + B_ii`` (``A``: the lookup's own curvature, ``C``: the
+    cross term with another use of ``W``, ``B``: that use's), which a tangent of any scale cannot
+    give (it gives ``α² A + 2α C + B``): refused with :class:`~fasthess.errors.UnsupportedOpError`.
+    """
+    a = _schema_args(node, primal)
+    if a.get("scale_grad_by_freq", False):
+        raise UnsupportedOpError(
+            f"{node.func} with scale_grad_by_freq=True: torch's backward divides each row's gradient by the row's "
+            "count in the batch, which is not the derivative of the lookup, and the tangent-adjoint engine cannot "
+            "reproduce the second derivative of that convention. Use engine='double_backward' (or engine='auto', "
+            "which falls back to it), or scale_grad_by_freq=False.",
+            op=str(node.func), reason="scale_grad_by_freq=True",
+        )
+    indices, padding_idx = a["indices"], a.get("padding_idx", -1)
+    t = tans[0]
+    if isinstance(t, OneHot) and not t.lead:
+        out = _one_hot_rows(t, indices)
+    else:
+        out = unary_linear_rule(node, primal, tans, lams)[0][0]
+    if padding_idx is not None and padding_idx >= 0:
+        out = out.masked_fill((indices == padding_idx).unsqueeze(-1), 0)
+    return [out], None
+
+
+def _one_hot_rows(seed: OneHot, indices: Tensor) -> Tensor:
+    """``E_k[indices]`` for one-hot ``E_k`` of shape ``(V, D)`` at ``(r, c)``: ``[indices == r]`` in column ``c``."""
+    k, dim = seed.index.numel(), seed.shape[-1]
+    valid = seed.index >= 0
+    row = torch.where(valid, seed.index // dim, -1)
+    col = seed.index.clamp_min(0) % dim
+    flat = indices.reshape(1, -1)
+    hit = (flat == row[:, None]).to(seed.dtype)
+    out = hit.new_zeros(k, flat.shape[1], dim)
+    out.scatter_(2, col.view(k, 1, 1).expand(k, flat.shape[1], 1), hit.unsqueeze(-1))
+    return out.view(k, *indices.shape, dim)
+
+
+def where_rule(node: Node, primal: list[Any], tans: list[Tangent], lams: list[Tensor | None]) -> RuleResult:
+    """``where(c, a, b)``: ``ẏ = where(c, ȧ, ḃ)``, a missing tangent counting as 0 (linear in ``a`` and ``b``)."""
+    shape = node.out_shapes[0]
+    ta, tb = _densify(tans[1]), _densify(tans[2])
+    some = ta if ta is not None else tb
+    zero = torch.zeros((), dtype=some.dtype, device=some.device)
+    out = torch.where(
+        primal[0],
+        _align(ta, len(shape)) if ta is not None else zero,
+        _align(tb, len(shape)) if tb is not None else zero,
+    )
+    return [out.expand(some.shape[0], *shape) if tuple(out.shape[1:]) != tuple(shape) else out], None
 
 
 # ----------------------------------------------------------------------------- softmax family
@@ -633,7 +931,6 @@ for _op in _MOVES | {
     aten.mean.default,
     aten.neg.default,
     aten._to_copy.default,
-    aten.embedding.default,
     aten.index_select.default,
     aten.gather.default,
     aten.nll_loss_forward.default,
@@ -666,6 +963,16 @@ for _op in (
     aten.pow.Tensor_Scalar,
 ):
     RULES[_op] = pointwise_rule
+for _op in ACTIVATIONS:
+    RULES[_op] = pointwise_rule
+# linear data movement: permutations (one-hot seeds move through them) and copies
+_MOVES |= {aten.flip.default, aten.roll.default}
+for _op in (aten.flip.default, aten.roll.default, aten.repeat.default):
+    RULES[_op] = unary_linear_rule
+RULES[aten.native_batch_norm.default] = native_batch_norm_rule
+RULES[aten.embedding.default] = embedding_rule
+RULES[aten.where.self] = where_rule
+RULES[aten.index_add.default] = zero_fill_rule
 RULES[aten.mul.Tensor] = mul_rule
 RULES[aten.div.Tensor] = div_rule
 RULES[aten._softmax.default] = softmax_rule
@@ -677,7 +984,8 @@ RULES[torch.ops.fasthess.cross_entropy_fused.default] = cross_entropy_fused_rule
 
 # Ops whose rules never produce a second-order term (no adjoint needed).
 LINEAR_OPS = {op for op, r in RULES.items() if r in (view_rule, unary_linear_rule, add_sub_rule, zero_fill_rule,
-                                                       masked_fill_rule, detach_rule)}
+                                                       masked_fill_rule, detach_rule, embedding_rule, where_rule)}
+LINEAR_OPS |= PIECEWISE_LINEAR
 # Bilinear ops: a second-order term only where two inputs carry tangents of the same direction.
 PAIRED_OPS = {aten.mul.Tensor, aten.mm.default, aten.bmm.default, aten.addmm.default}
 
@@ -685,6 +993,6 @@ PAIRED_OPS = {aten.mul.Tensor, aten.mm.default, aten.bmm.default, aten.addmm.def
 def reads_primal_inputs(node: Node) -> bool:
     """Whether the rule of ``node`` reads the values of its recorded (parameter-dependent) inputs."""
     rule = RULES.get(node.func, generic_rule)
-    if rule in (view_rule, detach_rule, add_sub_rule):
+    if rule in (view_rule, detach_rule, add_sub_rule, where_rule):
         return False
-    return not (rule is unary_linear_rule and len(node.refs()) == 1)
+    return not (rule in (unary_linear_rule, embedding_rule) and len(node.refs()) == 1)
