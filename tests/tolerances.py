@@ -142,3 +142,9 @@ DECOMPOSITION_VS_TORCH = (1e-12, 1e-12)
 # Activation rules' f' and f'' at their kinks against torch's backward and double backward: rtol (torch's
 # backward rounds 1/6 in hardsigmoid and 1/alpha in celu to float32; any other difference is O(1)).
 ACTIVATION_KINKS_VS_TORCH = 1e-7
+
+# Op-coverage sweep (tests/op_sweep.py): the reverse-over-reverse Hessian diagonal against central
+# differences of torch's gradient (relative step 1e-5: truncation ~1e-10, round-off ~1e-11 of the
+# gradient's scale), (rtol, atol_rel) as for ENGINE_VS_DENSE. Measured worst over the catalogue: see the
+# module docstring of tests/test_op_coverage.py.
+OP_SWEEP_FINITE_DIFFERENCE = (1e-5, 1e-6)
