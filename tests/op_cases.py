@@ -15,8 +15,9 @@ groups in :data:`MODULE_GROUPS` has a case, see ``tests/test_op_coverage.py``), 
 rule-table ops (``str(op)``) and decompositions (``"F.<name>"``) a case is *the* case for; the
 tests check that every table entry is covered and that the case really records / calls it.
 
-``slow`` cases run only in the full sweep (``pytest -m slow``): cheaper variants of the same op
-stay in the default run, so every op and layer class has a default case.
+The losses are ``tests/test_losses.py``'s variants (``reduction="mean"``). ``slow`` cases (further
+variants of an op or layer class that has a default case, and the less central functional ops) run
+only in the full sweep (``pytest -m slow``).
 """
 
 from __future__ import annotations
@@ -1054,9 +1055,4 @@ def entries(case: Case) -> int:
     return sum(params[n].numel() for n in case.layers)
 
 
-def selected(names: Sequence[str] | None = None, slow: bool = True) -> list[OpCase]:
-    """The cases to run: all of them, or without the slow ones."""
-    return [c for c in CASES.values() if slow or not c.slow] if names is None else [CASES[n] for n in names]
-
-
-__all__ = ["CASES", "KINDS", "MAX_ENTRIES", "OpCase", "entries", "module_classes", "module_name", "selected"]
+__all__ = ["CASES", "KINDS", "MAX_ENTRIES", "OpCase", "entries", "module_classes", "module_name"]

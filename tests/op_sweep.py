@@ -3,7 +3,10 @@
 The reference for a case is the diagonal of its dense float64 Hessian computed reverse-over-reverse
 (one double backward per row, torch's own ops; under :func:`fasthess.autodiff_safe` only where
 torch has no double backward for one of them), checked against central finite differences of
-torch's gradient. Neither trusts a forward-mode rule, which is where the bugs being hunted live.
+torch's gradient (``tests/tolerances.py``: ``OP_SWEEP_FINITE_DIFFERENCE``, on the scale of the whole
+case). Neither trusts a forward-mode rule, which is where the bugs being hunted live. Where torch
+has no second-order path at all (``cdist``, ``hardsigmoid``, ...), the finite differences are the
+reference and engines are held to their tolerance.
 
 An engine's outcome on a case (``fasthess.diag(..., method="exact", engine=...)``) is one of
 
@@ -66,11 +69,17 @@ REVERSE, DECOMPOSED, FINITE_DIFFERENCES = (
 
 @dataclass(frozen=True)
 class Reference:
-    diag: dict[str, Tensor]  # the reference diagonal, per selected parameter
+    """A case's reference diagonal, per selected parameter.
+
+    ``source``: ``REVERSE``; ``DECOMPOSED`` (one of torch's own ops has no double backward);
+    ``FINITE_DIFFERENCES`` (none has a second-order path: ``diag`` is ``finite_difference``).
+    ``disagreement``: why the finite differences do not confirm ``diag`` (None: they do).
+    """
+
+    diag: dict[str, Tensor]
     finite_difference: dict[str, Tensor]
-    source: str  # REVERSE; DECOMPOSED (torch's own ops lack a double backward); FINITE_DIFFERENCES (no second-order
-    # path in torch at all: the finite differences are the reference)
-    disagreement: str | None  # why the finite differences do not confirm the reverse-over-reverse diagonal
+    source: str
+    disagreement: str | None
 
     def tolerance(self, engine: str) -> tuple[float, float]:
         """(rtol, atol_rel) for an engine's entries against this reference."""
@@ -94,8 +103,17 @@ class Outcome:
         return None
 
 
+@contextlib.contextmanager
+def quiet():  # noqa: ANN201
+    """Silence the deprecation and performance warnings of torch (NLLLoss2d, KLDivLoss(reduction="mean"), ...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 @functools.lru_cache(maxsize=None)
 def built(name: str) -> Case:
+    """Case ``name``, built once per session (every engine and the reference see the same model)."""
     with quiet():
         return CASES[name].build()
 
@@ -138,9 +156,12 @@ def _finite_difference(f, p: Tensor) -> Tensor:  # noqa: ANN001
     return out
 
 
+_ALL = "all selected parameters"
+
+
 def _joined(d: dict[str, Tensor]) -> dict[str, Tensor]:
     """All layers as one: finite differences err on the scale of the whole case, not of each layer."""
-    return {"all selected parameters": torch.cat([v.reshape(-1) for v in d.values()])}
+    return {_ALL: torch.cat([v.reshape(-1) for v in d.values()])}
 
 
 def _mismatch(got: dict[str, Tensor], want: dict[str, Tensor], rtol: float, atol: float) -> str | None:
@@ -155,11 +176,11 @@ def _mismatch(got: dict[str, Tensor], want: dict[str, Tensor], rtol: float, atol
 
 def rel_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     """``max|got - want| / max|want|`` over all the case's entries (inf where ``got`` has NaN)."""
-    got, want = _joined(got), _joined(want)
-    diff = (got["all selected parameters"].double() - want["all selected parameters"]).abs()
+    got, want = _joined(got)[_ALL].double(), _joined(want)[_ALL]
+    diff = (got - want).abs()
     if bool(diff.isnan().any()):
         return float("inf")
-    scale = float(want["all selected parameters"].abs().max())
+    scale = float(want.abs().max())
     return float(diff.max()) / scale if scale > 0 else float(diff.max())
 
 
@@ -170,6 +191,7 @@ def _diagonals(case: Case, of) -> dict[str, Tensor]:  # noqa: ANN001
 
 @functools.lru_cache(maxsize=None)
 def reference(name: str) -> Reference:
+    """Case ``name``'s reference diagonal (computed once per session)."""
     case = built(name)
     fd = _diagonals(case, _finite_difference)
     try:
@@ -205,13 +227,11 @@ def run(name: str, engine: str) -> Outcome:
     ref = reference(name)
     want = ref.diag
     try:
-        with fused_nodes.using(op.fused), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with fused_nodes.using(op.fused), quiet():
             res = fasthess.diag(case.model, case.loss, case.layers, method="exact", engine=engine)
     except NonFiniteCurvatureError as err:
-        got = {n: err.result[n].values for n in want}
-        return Outcome("WRONG", f"NaN/Inf entries (relative error {rel_error(got, want):.2g})", err.result.meta["engine"],
-                       rel_error(got, want))
+        err_ = rel_error({n: err.result[n].values for n in want}, want)
+        return Outcome("WRONG", f"NaN/Inf entries (relative error {err_:.2g})", err.result.meta["engine"], err_)
     except (FasthessError, CaptureError) as err:
         if names_op(err):
             return Outcome("refused", f"{type(err).__name__}: {first_line(err)}")
@@ -228,6 +248,23 @@ def run(name: str, engine: str) -> Outcome:
     if res.meta["engine_fallback"]:
         return Outcome("fallback", res.meta["engine_fallback"], used, err)
     return Outcome("exact", "", used, err)
+
+
+@functools.lru_cache(maxsize=None)
+def recorded_ops(name: str) -> frozenset[str]:
+    """The ops the tangent-adjoint engine records for a case (under its fused-node mode), as ``str(op)``."""
+    case = built(name)
+    params = fasthess.resolve_parameters(case.model, case.layers)
+    with fasthess.autodiff_safe(), fused_nodes.using(CASES[name].fused), quiet():
+        objective = Objective(case.model, [case.loss], params)
+        graph = capture(lambda ps: objective(0, ps), objective.primals, fused=fused_nodes.enabled())
+    return frozenset(str(node.func) for node in graph.nodes)
+
+
+def outcomes_of(name: str) -> dict[str, Outcome]:
+    """Every engine's outcome on case ``name``."""
+    return {engine: run(name, engine) for engine in ENGINES}
+
 
 
 # ----------------------------------------------------------------------------- the README table
@@ -247,7 +284,8 @@ def _compact(detail: str) -> str:
     m = re.match(r"\w+ cannot record this loss \((.*)\); used the generic engine$", detail)
     if m:
         return f"not recordable: {m.group(1)}"
-    m = re.match(r"\w+: engine '(\w+)' cannot take the second derivative of this loss \(torch: (.*?)\)(?:;|\. )", detail)
+    m = re.match(r"\w+: engine '(\w+)' cannot take the second derivative of this loss \(torch: (.*?)\)(?:;|\. )",
+                 detail)
     if m:
         return f"{m.group(1)}: {m.group(2)}"
     return detail
@@ -298,21 +336,6 @@ def readme_section(rows: dict[str, str | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@functools.lru_cache(maxsize=None)
-def recorded_ops(name: str) -> frozenset[str]:
-    """The ops the tangent-adjoint engine records for a case (under its fused-node mode), as ``str(op)``."""
-    case = built(name)
-    params = fasthess.resolve_parameters(case.model, case.layers)
-    with fasthess.autodiff_safe(), fused_nodes.using(CASES[name].fused), quiet():
-        objective = Objective(case.model, [case.loss], params)
-        graph = capture(lambda ps: objective(0, ps), objective.primals, fused=fused_nodes.enabled())
-    return frozenset(str(node.func) for node in graph.nodes)
-
-
-def outcomes_of(name: str) -> dict[str, Outcome]:
-    return {engine: run(name, engine) for engine in ENGINES}
-
-
 def readme_split(text: str) -> tuple[str, str, str]:
     """README text -> (before the section, the section, after it); raises if the markers are missing."""
     head, sep, rest = text.partition(README_BEGIN + "\n")
@@ -331,10 +354,3 @@ def readme_rows_in(section: str) -> dict[str, str]:
             out[m.group(1)] = line
     return out
 
-
-@contextlib.contextmanager
-def quiet():  # noqa: ANN201
-    """Silence torch's deprecation warnings while cases are built."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield

@@ -11,8 +11,9 @@ passing fails until its entry is removed, and one that fails differently (WRONG 
 The default run takes the representative cases (every op, layer class, rule, decomposition and fused
 node has one); ``pytest tests/test_op_coverage.py -m slow`` runs the remaining variants and checks the
 whole generated README section (``scripts/op_coverage.py --write`` regenerates it; never edit it by
-hand). Measured on 2 shared cores (torch 2.13 CPU): default run about 65-100 s, the full catalogue
-(575 cases x 5 engines) 90-140 s, depending on the other jobs on the machine.
+hand). Measured on 2 cores (torch 2.13 CPU, 2 intra-op threads): default run (326 cases x 5 engines)
+about 47 s, ``-m "slow or not slow"`` (all 575) about 135 s. With other jobs saturating the cores the
+threads contend and it took up to 6 min; ``--torch-threads=1`` then keeps it near the quiet-machine time.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def test_engine_is_exact_falls_back_or_refuses(name: str, engine: str) -> None:
 @pytest.mark.parametrize("name", _cases())
 def test_reference_agrees_with_finite_differences(name: str) -> None:
     ref = reference(name)
+    if ref.source == FINITE_DIFFERENCES:
+        pytest.skip("torch has no second-order path here: the finite differences are the reference")
     if name in REFERENCE_DISAGREES:
         pytest.xfail(REFERENCE_DISAGREES[name])  # checked below to still disagree
     assert ref.disagreement is None, ref.disagreement

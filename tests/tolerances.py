@@ -144,7 +144,8 @@ DECOMPOSITION_VS_TORCH = (1e-12, 1e-12)
 ACTIVATION_KINKS_VS_TORCH = 1e-7
 
 # Op-coverage sweep (tests/op_sweep.py): the reverse-over-reverse Hessian diagonal against central
-# differences of torch's gradient (relative step 1e-5: truncation ~1e-10, round-off ~1e-11 of the
-# gradient's scale), (rtol, atol_rel) as for ENGINE_VS_DENSE. Measured worst over the catalogue: see the
-# module docstring of tests/test_op_coverage.py.
+# differences of torch's gradient (relative step 1e-5), (rtol, atol_rel) as for ENGINE_VS_DENSE but with
+# atol_rel scaled by the largest entry of the whole case. Measured over the 575 cases: at most 6.7e-8 of
+# that scale (x ** -2 near 0), 0.6 % of the bound; the bugs hunted are off by 0.1-10. Also the tolerance
+# of the engines where torch has no second-order path and the finite differences are the reference.
 OP_SWEEP_FINITE_DIFFERENCE = (1e-5, 1e-6)
