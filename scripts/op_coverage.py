@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import op_sweep  # noqa: E402
+import torch  # noqa: E402
 from op_cases import CASES  # noqa: E402
 from test_op_coverage import KNOWN_FAILURES  # noqa: E402
 
@@ -31,7 +32,9 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="rewrite the generated section of README.md")
     parser.add_argument("--known", action="store_true", help="print KNOWN_FAILURES entries for the failures")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: the models are tiny)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.write and args.cases:
         parser.error("--write needs the whole catalogue (no --cases)")
     names = args.cases or list(CASES)

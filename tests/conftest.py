@@ -22,6 +22,21 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread(request):
+    """One intra-op thread for a module of tiny models unless ``--torch-threads`` is given: on two shared cores
+    each parallel region of a tiny op cost up to 20 ms. Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    if request.config.getoption("--torch-threads"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_report_header(config):
     import torch
 

@@ -12,7 +12,7 @@ groups in :data:`MODULE_GROUPS` has a case, see ``tests/test_op_coverage.py``), 
 (torch / ``F.`` ops), ``rule`` (one case per entry of the tangent-adjoint engine's rule table),
 ``decomposition`` (the ``F.`` functions :func:`fasthess.autodiff_safe` replaces) and ``fused``
 (the fused nodes, recorded with ``fasthess.fused_nodes.using("all")``). ``covers`` names the
-rule-table ops (``str(op)``) and decompositions (``"F.<name>"``) a case is *the* case for; the
+rule-table ops (``str(op)``) and decompositions (``"F.<name>"``, ``"torch.<name>"``) a case is *the* case for; the
 tests check that every table entry is covered and that the case really records / calls it.
 
 The losses are ``tests/test_losses.py``'s variants (``reduction="mean"``). ``slow`` cases (further
@@ -50,7 +50,7 @@ class OpCase:
     name: str
     kind: str
     build: Callable[[], Case]
-    covers: tuple[str, ...] = ()  # rule-table ops ("aten.mm.default") and decompositions ("F.layer_norm")
+    covers: tuple[str, ...] = ()  # rule-table ops ("aten.mm.default"), decompositions ("F.layer_norm", "torch.cdist")
     fused: str = "auto"  # fasthess.fused_nodes mode the engines run under
     slow: bool = False  # only in the full sweep
 
@@ -433,8 +433,10 @@ EMBEDDINGS: list[tuple] = [
      lambda m, ids: m(BAG_IDS, torch.tensor([0, 3, 7])), True),
 ]
 for _name, _make, _forward, _slow in EMBEDDINGS:
-    _ids_layer(_name, _make if _forward is None else lambda mk=_make, fw=_forward: Call(mk(), fw), IDS, slow=_slow)
-_ids_layer("F.embedding", lambda: Call(nn.Embedding(5, 4), lambda m, ids: F.embedding(ids, m.weight)), IDS)
+    _ids_layer(_name, _make if _forward is None else lambda mk=_make, fw=_forward: Call(mk(), fw), IDS, slow=_slow,
+               covers=("torch.embedding_bag",) if _name == "nn.EmbeddingBag" else ())
+_ids_layer("F.embedding", lambda: Call(nn.Embedding(5, 4), lambda m, ids: F.embedding(ids, m.weight)), IDS,
+           covers=("F.embedding",))
 _ids_layer("F.one_hot @ weight", lambda: Call(nn.Embedding(5, 4), lambda m, ids: F.one_hot(ids, 5).to(D) @ m.weight),
            IDS, slow=True)
 
@@ -652,7 +654,6 @@ FUNCTIONAL: list[tuple] = [
     ("F.hardtanh", lambda h: F.hardtanh(h) ** 3, VEC, REAL, True),
     ("F.relu6", lambda h: F.relu6(h) ** 2, VEC, WIDE, True),
     ("F.rrelu[training=False]", lambda h: F.rrelu(h, training=False) ** 2, VEC, REAL, False),
-    ("F.glu[dim=1]", lambda h: F.glu(h, 1), VEC, REAL, False),
     ("F.softplus", F.softplus, VEC, REAL, True),
     ("F.mish", F.mish, VEC, REAL, False),
     ("F.normalize", F.normalize, VEC, REAL, True),
@@ -804,9 +805,7 @@ FUNCTIONAL: list[tuple] = [
     ("torch.linalg.cross", lambda h: torch.linalg.cross(h[0], h[1]), MAT, REAL, True),
     ("F.linear[weight from h]", lambda h: F.linear(h, h[0], h[1, 0]), SEQ, REAL, True),
     ("F.bilinear", lambda h: F.bilinear(h, h.flip(0), BILINEAR), VEC, REAL, True),
-    ("torch.cdist", lambda h: torch.cdist(h, h.flip(1)), MAT, REAL, False),
     ("torch.cdist[p=1]", lambda h: torch.cdist(h, h.flip(1), p=1.0), MAT, REAL, True),
-    ("torch.pdist", lambda h: torch.pdist(h), VEC, REAL, False),
     ("F.cosine_similarity", lambda h: F.cosine_similarity(h, h.flip(0)), VEC, REAL, False),
     ("F.pairwise_distance", lambda h: F.pairwise_distance(h, h.flip(0)), VEC, REAL, True),
     # linear algebra
@@ -854,7 +853,6 @@ FUNCTIONAL: list[tuple] = [
     ("F.pad[reflect]", lambda h: F.pad(h, (2, 1), mode="reflect"), SIG, REAL, True),
     ("F.pad[circular]", lambda h: F.pad(h, (1, 2, 2, 0), mode="circular"), IMG, REAL, False),
     ("F.local_response_norm", lambda h: F.local_response_norm(h, 2), (2, 4, 5), REAL, True),
-    ("F.instance_norm", lambda h: F.instance_norm(h), SIG, REAL, False),
     ("F.instance_norm[weight]", lambda h: F.instance_norm(h, weight=W46[0, :2] + 1, bias=W46[1, :2]), IMG, REAL,
      True),
     ("F.alpha_dropout[training=False]", lambda h: F.alpha_dropout(h, 0.5, False) ** 2, VEC, REAL, True),
@@ -944,6 +942,29 @@ RULE_CASES: list[tuple] = [
     (aten._softmax.default, lambda h: torch.softmax(h, 1) * h, VEC, REAL),
     (aten._log_softmax.default, lambda h: torch.log_softmax(h, 0) * h, VEC, REAL),
     (aten.detach.default, lambda h: h.detach() * h * h, VEC, REAL),
+    (aten.abs.default, torch.abs, VEC, REAL),
+    (aten.clamp.default, lambda h: torch.clamp(h, -0.5, 0.8), VEC, REAL),
+    (aten.clamp_min.default, lambda h: torch.clamp_min(h, 0.2), VEC, REAL),
+    (aten.clamp_max.default, lambda h: torch.clamp_max(h, 0.2), VEC, REAL),
+    (aten.elu.default, F.elu, VEC, REAL),
+    (aten.celu.default, lambda h: F.celu(h, 0.7), VEC, REAL),
+    (aten.hardshrink.default, lambda h: F.hardshrink(h, 0.3), VEC, REAL),
+    (aten.softshrink.default, lambda h: F.softshrink(h, 0.3), VEC, REAL),
+    (aten.hardsigmoid.default, aten.hardsigmoid.default, VEC, WIDE),  # F.hardsigmoid is decomposed: the op itself
+    (aten.hardswish.default, F.hardswish, VEC, WIDE),
+    (aten.hardtanh.default, F.hardtanh, VEC, REAL),
+    (aten.leaky_relu.default, lambda h: F.leaky_relu(h, 0.1), VEC, REAL),
+    (aten.log_sigmoid_forward.default, F.logsigmoid, VEC, REAL),
+    (aten.logit.default, torch.logit, VEC, UNIT),
+    (aten.mish.default, F.mish, VEC, REAL),
+    (aten.softplus.default, lambda h: F.softplus(h, 2.0, 1.0), VEC, REAL),
+    (aten.threshold.default, lambda h: F.threshold(h, 0.1, 20.0), VEC, REAL),
+    (aten.native_batch_norm.default,  # torch.batch_norm called directly (F.batch_norm is decomposed)
+     lambda h: torch.batch_norm(h, None, None, W46[0, :2] + 1, W46[1, :2], True, 0.1, 1e-5, False), SIG, REAL),
+    (aten.flip.default, lambda h: torch.flip(h, (1,)) * h, VEC, REAL),
+    (aten.roll.default, lambda h: torch.roll(h, 2, 1) * h, VEC, REAL),
+    (aten.repeat.default, lambda h: h.repeat(1, 2)[:, 3:9] * h, VEC, REAL),
+    (aten.index_add.default, lambda h: (h * h).index_add(1, torch.tensor([0, 0, 3]), h[:, 3:]) * h, VEC, REAL),
 ]
 for _op, _fn_, _shape, _domain in RULE_CASES:
     _fn(str(_op), _fn_, _shape, kind="rule", domain=_domain, covers=(str(_op),),
@@ -998,13 +1019,20 @@ DECOMPOSITIONS: list[tuple] = [
     ("F.cross_entropy[plain ops]", lambda h: F.cross_entropy(h, CLS3), VEC, ("F.cross_entropy",), "off"),
     ("F.cross_entropy[sequence,label_smoothing]",
      lambda h: F.cross_entropy(h.transpose(1, 2), CLS_SEQ, label_smoothing=0.1), SEQ, ("F.cross_entropy",), "auto"),
+    ("F.instance_norm", lambda h: F.instance_norm(h), SIG, ("F.instance_norm",), "auto"),
+    ("F.glu[dim=1]", lambda h: F.glu(h, 1), VEC, ("F.glu",), "auto"),
+    ("F.hardsigmoid", lambda h: F.hardsigmoid(h), VEC, ("F.hardsigmoid",), "auto"),  # on WIDE inputs, below
+    ("torch.cdist", lambda h: torch.cdist(h, h.flip(1)), MAT, ("torch.cdist",), "auto"),
+    ("torch.pdist", lambda h: torch.pdist(h), VEC, ("torch.pdist",), "auto"),
+    ("F.pdist[p=3]", lambda h: F.pdist(h, 3.0), VEC, ("F.pdist",), "auto"),
     ("F.dropout[training=False]", lambda h: F.dropout(h, 0.5, False) ** 2, VEC, ("F.dropout",), "auto"),
     ("F.dropout1d[training=False]", lambda h: F.dropout1d(h, 0.5, False) ** 2, SIG, ("F.dropout1d",), "auto"),
     ("F.dropout2d[training=False]", lambda h: F.dropout2d(h, 0.5, False) ** 2, IMG, ("F.dropout2d",), "auto"),
     ("F.dropout3d[training=False]", lambda h: F.dropout3d(h, 0.5, False) ** 2, VOL, ("F.dropout3d",), "auto"),
 ]
 for _name, _fn_, _shape, _covers, _fused in DECOMPOSITIONS:
-    _fn(_name, _fn_, _shape, kind="decomposition", covers=_covers, fused=_fused)
+    _fn(_name, _fn_, _shape, kind="decomposition", covers=_covers, fused=_fused,
+        domain=WIDE if _name == "F.hardsigmoid" else REAL)
 
 FUSED = "fasthess.{}_fused.default"
 FUSED_CASES: list[tuple] = [

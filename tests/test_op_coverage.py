@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from op_cases import CASES, KINDS, MAX_ENTRIES, entries, module_classes, module_name
 from op_sweep import (
     ENGINES,
@@ -46,6 +47,8 @@ from fasthess import decompositions, fused_nodes
 from fasthess.engines.second_order_rules import RULES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RULE_OPS = ("aten.", "fasthess.")  # covers entries naming rule-table ops (the others are decompositions)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 FULL_SWEEP = [
     pytest.mark.slow,
     pytest.mark.skipif("'slow' not in config.getoption('markexpr')", reason="full sweep only: pytest -m slow"),
@@ -54,53 +57,16 @@ FULL_SWEEP = [
 # ----------------------------------------------------------------------------- what is wrong today
 # (case, engine) -> "WRONG: why" / "RAW: why": reviewed, the work list of issue 20. Reasons name the root cause.
 
-_INSTANCE_NORM = "WRONG: torch's nested forward AD of native_batch_norm with batch statistics (instance norm)"
-_LINALG = "WRONG: torch's jvp∘jvp of {} disagrees with its double backward"
-_SCATTER_PROD = "WRONG: torch's forward AD of scatter_reduce(reduce='prod') (fwd_rev: through its backward)"
-_EMBEDDING_PAD = (
-    "WRONG: the rule (tangent_adjoint: unary_linear_rule; fwd_fwd: jvp) differentiates the forward op, "
-    "torch's backward zeroes the padding row's gradient"
-)
-_EMBEDDING_FREQ = (
-    "WRONG: the rule (tangent_adjoint: unary_linear_rule; fwd_fwd: jvp) differentiates the forward op, "
-    "torch's backward divides each row's gradient by its index count"
-)
-_LOGCUMSUMEXP = (
-    "WRONG: NaN entries: the generic rule's double-backward path (vjp of the vjp at a zero cotangent) is NaN "
-    "for aten.logcumsumexp, and a NaN difference is taken for a disagreement with nested forward AD"
-)
-_EMBEDDING_BAG = (
-    "RAW: capture records aten._embedding_bag_forward_only (it records under no_grad); replaying it with "
-    "autograd raises 'Autograd not support dtype: Long', not caught by the fallback"
-)
-_CROSS_MAP_LRN = (
-    "RAW: UnsupportedOpError names no op: nn.CrossMapLRN2d is a legacy autograd.Function (backward with out= "
-    "ops, no setup_context for torch.func)"
-)
-
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{(case, "fwd_fwd"): _INSTANCE_NORM for case in (
-        "nn.InstanceNorm1d", "nn.InstanceNorm1d[affine]", "nn.InstanceNorm2d", "nn.InstanceNorm3d",
-        "F.instance_norm", "F.instance_norm[weight]",
-    )},
-    ("torch.linalg.det", "fwd_fwd"): _LINALG.format("linalg_det"),
-    ("torch.linalg.slogdet", "fwd_fwd"): _LINALG.format("linalg_slogdet"),
-    ("torch.logdet", "fwd_fwd"): _LINALG.format("logdet (via linalg_slogdet)"),
-    ("torch.linalg.solve", "fwd_fwd"): _LINALG.format("linalg_solve"),
-    **{(case, engine): _SCATTER_PROD for case in ("torch.scatter_reduce[prod]",
-                                                  "torch.scatter_reduce[prod,include_self=False]")
-       for engine in ("fwd_rev", "fwd_fwd")},
-    **{("nn.Embedding[padding_idx=0]", e): _EMBEDDING_PAD for e in ("tangent_adjoint", "auto", "fwd_fwd")},
-    **{("nn.Embedding[scale_grad_by_freq]", e): _EMBEDDING_FREQ for e in ("tangent_adjoint", "auto", "fwd_fwd")},
-    **{("torch.logcumsumexp", e): _LOGCUMSUMEXP for e in ("tangent_adjoint", "auto")},
-    **{(case, e): _EMBEDDING_BAG for case in (
-        "nn.EmbeddingBag", "nn.EmbeddingBag[mode=sum,offsets,per_sample_weights]", "nn.EmbeddingBag[mode=max]",
-        "nn.EmbeddingBag[padding_idx=0]", "nn.EmbeddingBag[include_last_offset]",
-    ) for e in ("tangent_adjoint", "auto")},
-    **{("nn.CrossMapLRN2d", e): _CROSS_MAP_LRN for e in ("double_backward", "fwd_rev", "fwd_fwd")},
+    ("nn.CrossMapLRN2d", "double_backward"): (
+        "RAW: UnsupportedOpError names no op: nn.CrossMapLRN2d is a legacy autograd.Function whose backward uses "
+        "out= ops; torch's message ('mul(): functions with out=... arguments don't support automatic "
+        "differentiation') names neither it nor an ATen op"
+    ),
     ("nn.Embedding[sparse]", "double_backward"): (
         "RAW: UnsupportedOpError names no op: the double_backward engine reshapes the sparse gradient of "
-        "nn.Embedding(sparse=True) ('reshape is not implemented for sparse tensors')"
+        "nn.Embedding(sparse=True) ('reshape is not implemented for sparse tensors'), though the sparse "
+        "gradient has a double backward (the dense reference takes it)"
     ),
 }
 
@@ -113,9 +79,8 @@ REFERENCE_DISAGREES = {
 }
 
 
-def _cases(slow_marks: bool = True) -> list:
-    return [pytest.param(c.name, marks=FULL_SWEEP if c.slow and slow_marks else [], id=c.name.replace(" ", "_"))
-            for c in CASES.values()]
+def _cases() -> list:
+    return [pytest.param(c.name, marks=FULL_SWEEP if c.slow else [], id=c.name.replace(" ", "_")) for c in CASES.values()]
 
 
 def _runs() -> list:
@@ -201,18 +166,23 @@ def _composite(op_name: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES.values() if any(not x.startswith("F.") for x in c.covers)])
+@pytest.mark.parametrize("name", [c.name for c in CASES.values() if any(x.startswith(RULE_OPS) for x in c.covers)])
 def test_rule_and_fused_cases_record_their_op(name: str) -> None:
     """Each rule case records the op it covers (ops torch decomposes before recording excepted: reshape, ...)."""
     recorded = recorded_ops(name)
     for op in CASES[name].covers:
-        if not op.startswith("F."):
+        if op.startswith(RULE_OPS):
             assert op in recorded or _composite(op), f"{name} does not record {op}: {sorted(recorded)}"
+
+
+def _decomposition_name(key: tuple) -> str:
+    """``(torch.nn.functional, "glu")`` -> ``"F.glu"``; ``(torch, "cdist")`` -> ``"torch.cdist"``."""
+    module, attr = key
+    return f"{'F' if module is F else module.__name__}.{attr}"
 
 
 def test_every_decomposition_has_a_case_that_calls_it(monkeypatch: pytest.MonkeyPatch) -> None:
     original = decompositions._patcher.replacements
-    names = sorted(original())
     calls: collections.Counter = collections.Counter()
 
     def counted() -> dict:
@@ -221,18 +191,18 @@ def test_every_decomposition_has_a_case_that_calls_it(monkeypatch: pytest.Monkey
                 calls[key] += 1
                 return fn(*args, **kwargs)
             return inner
-        return {key: wrap(key, fn) for key, fn in original().items()}
+        return {key: wrap(_decomposition_name(key), fn) for key, fn in original().items()}
 
     monkeypatch.setattr(decompositions._patcher, "replacements", counted)
-    for key in names:
-        cases = [op for op in CASES.values() if f"F.{key}" in op.covers]
-        assert cases, f"decomposition F.{key} has no case (add one to op_cases.DECOMPOSITIONS)"
+    for name in sorted(_decomposition_name(key) for key in original()):
+        cases = [op for op in CASES.values() if name in op.covers]
+        assert cases, f"decomposition {name} has no case (add one to op_cases.DECOMPOSITIONS)"
         for op in cases:
             calls.clear()
             case = built(op.name)
             with decompositions.autodiff_safe(), quiet():
                 case.loss()
-            assert calls[key], f"{op.name} does not call F.{key}"
+            assert calls[name], f"{op.name} does not call {name}"
 
 
 def test_every_fused_node_has_a_case_that_records_it() -> None:

@@ -48,17 +48,8 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(request: pytest.FixtureRequest):  # noqa: ANN202
-    """One intra-op thread unless ``--torch-threads`` is given: these models are tiny, and on two shared cores
-    each parallel region of a tiny op cost up to 20 ms (this file: 8 s at one thread, 30-55 s at two)."""
-    if request.config.getoption("--torch-threads"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread (conftest.one_thread; this file: 8 s at one thread, 30-55 s at two)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- tiny models
