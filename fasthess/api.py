@@ -332,10 +332,12 @@ def _entries(
         chunk.size = max(1, chunk.size * eng.per_tangent_bytes(check) // generic.per_tangent_bytes(check))
         return generic
 
-    if isinstance(eng, TangentAdjointEngine) and check.custom_functions:
+    # a user's Function: autograd follows its backward (torch's and fasthess's are their forwards' derivatives)
+    users = [name for name in check.autograd_functions if not name.startswith(("torch.", "fasthess."))]
+    if isinstance(eng, TangentAdjointEngine) and users:
         eng = to_generic(
             f"{eng.name} differentiates the forward ops it records, and the loss calls torch.autograd.Function "
-            f"{', '.join(check.custom_functions)}, whose backward autograd follows instead"
+            f"{', '.join(users)}, whose backward autograd follows instead"
         )
     for c in plan.closures(len(objective)):
         if isinstance(eng, TangentAdjointEngine):
@@ -367,10 +369,13 @@ def _entries(
                     else "Try engine='double_backward', which needs only torch's double-backward rules"
                 )
                 before = f"; before that, {fallback}" if fallback else ""
+                functions = ", ".join(check.autograd_functions)
+                if functions:  # a Function's backward (e.g. nn.CrossMapLRN2d's, with out= ops) may have none
+                    before += f"; the loss calls torch.autograd.Function {functions}, whose backward may not be differentiable"
                 raise UnsupportedOpError(
                     f"engine {eng.name!r} cannot take the second derivative of this loss "
                     f"(torch: {first_line(err)}){before}. {hint}.",
-                    reason=first_line(err),
+                    op=functions or None, reason=first_line(err),
                 ) from err
         for total, block in zip(totals, blocks):
             total += block.detach().to(torch.float64)

@@ -86,9 +86,9 @@ class LossCheck:
     saved_bytes: int
     gradient_seconds: float
     largest_saved_bytes: int = 0
-    # user-defined torch.autograd.Function classes in the loss: their backward need not be the derivative
-    # of their forward, and an engine that differentiates the recorded forward ops would not follow it
-    custom_functions: tuple[str, ...] = ()
+    # torch.autograd.Function classes in the loss (module.name): a user's backward need not be the derivative
+    # of its forward, so an engine that differentiates the recorded forward ops would not follow it
+    autograd_functions: tuple[str, ...] = ()
 
 
 class Objective:
@@ -220,7 +220,7 @@ class Objective:
                 "the loss does not depend on any selected parameter (it has no grad_fn). Is the "
                 "closure computing the loss from this model, outside torch.no_grad()?"
             )
-        functions = custom_functions(loss)
+        functions = autograd_functions(loss)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         seconds = time.perf_counter() - start
         if not torch.isfinite(loss):
@@ -239,14 +239,12 @@ class Objective:
             saved_bytes=saved,
             gradient_seconds=seconds,
             largest_saved_bytes=max(sizes.values(), default=0),
-            custom_functions=functions,
+            autograd_functions=functions,
         )
 
 
-def custom_functions(loss: Tensor) -> tuple[str, ...]:
-    """Names of the user-defined ``torch.autograd.Function`` classes in ``loss``'s autograd graph.
-
-    Functions of torch and fasthess are left out: theirs are the derivatives of their forwards.
+def autograd_functions(loss: Tensor) -> tuple[str, ...]:
+    """Names (``module.qualname``) of the ``torch.autograd.Function`` classes in ``loss``'s autograd graph.
 
     Example:
         >>> class Straight(torch.autograd.Function):  # a straight-through estimator, in a user's module
@@ -254,7 +252,7 @@ def custom_functions(loss: Tensor) -> tuple[str, ...]:
         ...     forward = staticmethod(lambda ctx, x: x.round())
         ...     backward = staticmethod(lambda ctx, g: g)
         >>> x = torch.randn(3, requires_grad=True)
-        >>> custom_functions((Straight.apply(x) * x).sum())
+        >>> autograd_functions((Straight.apply(x) * x).sum())
         ('user_code.Straight',)
     """
     found, stack, seen = [], [loss.grad_fn], set()
@@ -264,7 +262,7 @@ def custom_functions(loss: Tensor) -> tuple[str, ...]:
             continue
         seen.add(node)
         cls = getattr(node, "_forward_cls", None)  # torch.autograd.function.BackwardCFunction
-        if cls is not None and not cls.__module__.startswith(("torch.", "fasthess.")):
+        if cls is not None:
             found.append(f"{cls.__module__}.{cls.__qualname__}")
         stack.extend(next_node for next_node, _ in node.next_functions)
     return tuple(sorted(set(found)))

@@ -149,3 +149,24 @@ def test_complex_intermediates_fall_back_and_forward_engines_refuse() -> None:
     assert_entries_close(res["0.weight"].values, want, *ENGINE_VS_DENSE[(D, "double_backward")], "rfft")
     with pytest.raises(fasthess.UnsupportedOpError, match="cannot be recorded"):
         fasthess.diag(case.model, case.loss, case.layers, method="exact", engine="fwd_fwd")
+
+
+def test_a_no_grad_block_in_the_loss_is_a_constant_on_every_engine() -> None:
+    """Autograd takes what the loss computes under its own ``torch.no_grad()`` as a constant; forward-mode AD would
+    differentiate it, so the forward-mode engines refuse such a loss."""
+
+    def head(y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale = y.norm()
+        return (y / scale).pow(3).sum()
+
+    case = _case(head)
+    want = full_hessian(case, "0.weight").diagonal()
+    for engine in ("tangent_adjoint", "double_backward"):
+        res = fasthess.diag(case.model, case.loss, case.layers, method="exact", engine=engine)
+        assert res.meta["engine"] == engine
+        assert_entries_close(res["0.weight"].values, want, *ENGINE_VS_DENSE[(D, engine)], f"no_grad {engine}")
+    for engine in ("fwd_rev", "fwd_fwd"):
+        with pytest.raises(fasthess.UnsupportedOpError, match=r"linalg_vector_norm.*torch.no_grad\(\)"):
+            fasthess.diag(case.model, case.loss, case.layers, method="exact", engine=engine)
+

@@ -57,18 +57,7 @@ FULL_SWEEP = [
 # ----------------------------------------------------------------------------- what is wrong today
 # (case, engine) -> "WRONG: why" / "RAW: why": reviewed, the work list of issue 20. Reasons name the root cause.
 
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("nn.CrossMapLRN2d", "double_backward"): (
-        "RAW: UnsupportedOpError names no op: nn.CrossMapLRN2d is a legacy autograd.Function whose backward uses "
-        "out= ops; torch's message ('mul(): functions with out=... arguments don't support automatic "
-        "differentiation') names neither it nor an ATen op"
-    ),
-    ("nn.Embedding[sparse]", "double_backward"): (
-        "RAW: UnsupportedOpError names no op: the double_backward engine reshapes the sparse gradient of "
-        "nn.Embedding(sparse=True) ('reshape is not implemented for sparse tensors'), though the sparse "
-        "gradient has a double backward (the dense reference takes it)"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 # Cases whose reverse-over-reverse reference is not confirmed by finite differences of the gradient, and why.
 REFERENCE_DISAGREES = {

@@ -29,14 +29,14 @@ class DoubleBackwardEngine(Engine):
         with torch.enable_grad():
             leaf = p.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(f(leaf), leaf, create_graph=True)
-            g = g.reshape(-1)
+            g = (g.to_dense() if g.is_sparse else g).reshape(-1)  # nn.Embedding(sparse=True): a sparse gradient
             out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
             for j, i in enumerate(indices.tolist()):
                 if not g[i].requires_grad:  # the gradient entry is constant in p
                     out[j] = 0.0
                     continue
                 (row,) = torch.autograd.grad(g[i], leaf, retain_graph=True, allow_unused=True)
-                out[j] = 0.0 if row is None else row.reshape(-1)[i]
+                out[j] = 0.0 if row is None else (row.to_dense() if row.is_sparse else row).reshape(-1)[i]
         return out
 
     def hvp(
@@ -52,5 +52,5 @@ class DoubleBackwardEngine(Engine):
                     grads, leaves, grad_outputs=[t[j] for t in tangents], retain_graph=True, allow_unused=True
                 )
                 for o, r in zip(out, rows):
-                    o[j] = 0.0 if r is None else r
+                    o[j] = 0.0 if r is None else (r.to_dense() if r.is_sparse else r)
         return tuple(out)

@@ -78,7 +78,9 @@ def _adjoints(outs: Sequence[Tensor], lams: Sequence[Tensor | None]) -> tuple[Te
 def reverse(f: Fn, xs: Sequence[Tensor], dense: Sequence[Tensor], lams: Sequence[Tensor | None]) -> tuple:
     """(tangents, ẋᵀ ∇²⟨λ, f⟩ ẋ or None) from torch's backward formulas (vjp of the vjp), batched over K."""
     outs, vjp_f = torch.func.vjp(f, *xs)
-    _, transposed = torch.func.vjp(vjp_f, tuple(torch.zeros_like(o) for o in outs))  # ẋ ↦ J ẋ
+    # v ↦ Jᵀv is linear, so its vjp ẋ ↦ J ẋ is the same at any v: taken at 1 (some backward formulas, such as
+    # logcumsumexp's, take the log of the cotangent, and are NaN at 0)
+    _, transposed = torch.func.vjp(vjp_f, tuple(torch.ones_like(o) for o in outs))
     tangents = torch.vmap(lambda *ts: transposed(ts)[0])(*dense)
     if all(lam is None for lam in lams):
         return tangents, None
@@ -157,6 +159,12 @@ class Assessment:
         return f"reverse: nested forward AD {self.status['forward']}; used double backward"
 
 
+# Ops that read a symmetric (Hermitian) matrix: their forward and reverse derivatives extend differently
+# off the symmetric matrices (torch's backward returns a symmetric gradient), so they are compared along
+# symmetric directions, the only ones a symmetric input receives.
+aten = torch.ops.aten
+SYMMETRIC_INPUT = {aten._linalg_eigh.default, aten.linalg_cholesky_ex.default, aten.cholesky.default}
+
 _assessments: dict[Any, Assessment] = {}
 _report: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("fasthess_generic_ops", default=None)
 
@@ -204,9 +212,14 @@ def node_function(node: Node, flat: Sequence[Any], pos: Sequence[int]) -> Fn:
     return f
 
 
+def signature(node: Node, flat: Sequence[Any], pos: Sequence[int]) -> tuple:
+    """What an assessment of ``node``'s op depends on: the op, argument shapes / dtypes / values, tangent positions."""
+    return (node.func, tuple(_signature_part(a) for a in flat), tuple(pos))
+
+
 def assess_node(node: Node, flat: Sequence[Any], pos: Sequence[int]) -> Assessment:
     """:func:`assess` of a recorded op with arguments ``flat`` and tangents at ``pos``, once per signature."""
-    key = (node.func, tuple(_signature_part(a) for a in flat), tuple(pos))
+    key = signature(node, flat, pos)
     found = _assessments.get(key)
     if found is None:
         if len(_assessments) > 4096:
@@ -228,6 +241,8 @@ def assess(func: Any, f: Fn, xs: Sequence[Tensor], directions: int = 2) -> Asses
         return torch.randn((*lead, *t.shape), generator=g, dtype=torch.float64).to(t.device)
 
     dense = [randn(x, directions) for x in xs]
+    if func in SYMMETRIC_INPUT:  # defined on symmetric matrices: forward and reverse agree along symmetric directions
+        dense = [(t + t.transpose(-1, -2)) / 2 if t.dim() >= 3 and t.shape[-1] == t.shape[-2] else t for t in dense]
     lams = [randn(o) for o in f(*xs)]
     results, errors = {}, {}
     for name, path in PATHS.items():
